@@ -26,7 +26,8 @@ class PvtConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a Pyramid Vision Transformer (PVT v1). The defaults give PVT-tiny; `PvtConfig.from_preset`
     builds any of the paper's four sizes. Field names and meanings are those of transformers' built-in `PvtConfig`,
-    so a `config.json` written by either loads in the other.
+    so a `config.json` written by either loads in the other. The defaults match
+    [Zetatech/pvt-tiny-224](https://huggingface.co/Zetatech/pvt-tiny-224).
 
     Args:
         image_size (`int` or `(height, width)`, defaults to 224):
@@ -76,12 +77,15 @@ class PvtConfig(BackboneConfigMixin, PreTrainedConfig):
     layer_norm_eps: float = 1e-6
     conv_layer_norm_eps: float = 1e-5
     qkv_bias: bool = True
-    num_labels: int = 1000
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         backbone_kwargs = {key: kwargs.pop(key, None) for key in ("out_features", "out_indices")}
+        # `num_labels` stays the base class's property (derived from `id2label`), so labels are always named;
+        # transformers' stock config shadows it with a field and leaves `id2label` empty.
+        if self.id2label is None:
+            kwargs.setdefault("num_labels", 1000)
         super().__post_init__(**kwargs)
         for name in _PER_STAGE_FIELDS:
             setattr(self, name, list(getattr(self, name)))
@@ -92,6 +96,12 @@ class PvtConfig(BackboneConfigMixin, PreTrainedConfig):
         if backbone_kwargs["out_features"] is None and backbone_kwargs["out_indices"] is None:
             backbone_kwargs["out_features"] = list(self.stage_names)
         self.set_output_features_output_indices(**backbone_kwargs)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # Stock transformers reads `num_labels` as a field of its own rather than from `id2label`.
+        output["num_labels"] = self.num_labels
+        return output
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "PvtConfig":
