@@ -1,7 +1,9 @@
 """Pyramid Vision Transformer (PVT v1) for the Hugging Face ecosystem.
 
 Importing the package makes the Auto classes resolve the `pvt` model type to this package's implementation, and
-`save_pretrained` writes an `auto_map` so a saved folder also runs this code through `trust_remote_code=True`.
+a model's `save_pretrained` writes an `auto_map` and the code files, so a saved folder also runs this code through
+`trust_remote_code=True`. The image processor's `preprocessor_config.json` stays in the standard format, with no
+`auto_map` of its own: with one, transformers' pipelines stop to ask about remote code even when it is not wanted.
 """
 
 from transformers import (
@@ -22,13 +24,14 @@ AutoConfig.register(PvtConfig.model_type, PvtConfig, exist_ok=True)
 AutoModel.register(PvtConfig, PvtModel, exist_ok=True)
 AutoModelForImageClassification.register(PvtConfig, PvtForImageClassification, exist_ok=True)
 AutoBackbone.register(PvtConfig, PvtBackbone, exist_ok=True)
-AutoImageProcessor.register(PvtConfig, slow_image_processor_class=PvtImageProcessor, exist_ok=True)
+AutoImageProcessor.register(
+    PvtConfig, image_processor_classes={"pil": PvtImageProcessor, "torchvision": PvtImageProcessor}, exist_ok=True
+)
 
 PvtConfig.register_for_auto_class()
 PvtModel.register_for_auto_class("AutoModel")
 PvtForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 PvtBackbone.register_for_auto_class("AutoBackbone")
-PvtImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "PVT_PRESETS",

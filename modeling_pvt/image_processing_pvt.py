@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, is_pil_image
 from transformers.processing_utils import ImagesKwargs
 
 
@@ -49,6 +49,9 @@ class PvtImageProcessor(PilBackend):
         if isinstance(size, dict) and "height" in size and "do_center_crop" not in kwargs:
             kwargs["do_center_crop"] = False
         super().__init__(**kwargs)
+        if self.crop_pct is not None:
+            # Saved `size` then reflects the crop ratio, so processors that ignore `crop_pct` resize the same way.
+            self.size = self._standardize_kwargs(crop_pct=self.crop_pct, crop_size=self.crop_size)["size"]
 
     def _standardize_kwargs(self, crop_pct: float | None = None, **kwargs) -> dict:
         kwargs = super()._standardize_kwargs(**kwargs)
@@ -64,7 +67,7 @@ class PvtImageProcessor(PilBackend):
 
     def preprocess(self, images, *args, **kwargs):
         check_images(images)
-        return super().preprocess(images, *args, **kwargs)
+        return super().preprocess(with_channel_axis(images), *args, **kwargs)
 
     def process_image(self, image, *args, **kwargs) -> np.ndarray:
         image = super().process_image(image, *args, **kwargs)
@@ -73,6 +76,15 @@ class PvtImageProcessor(PilBackend):
         elif image.shape[0] == 4:
             image = image[:3]
         return image
+
+
+def with_channel_axis(images):
+    """Greyscale `(height, width)` arrays and tensors gain a trailing channel axis, which transformers expects."""
+    if isinstance(images, (list, tuple)):
+        return [with_channel_axis(image) for image in images]
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 2:
+        return images[..., None]
+    return images
 
 
 def check_images(images) -> None:
@@ -84,14 +96,17 @@ def check_images(images) -> None:
         if isinstance(image, (list, tuple)):
             check_images(image)
             continue
-        if hasattr(image, "size") and hasattr(image, "mode"):  # PIL image
+        if is_pil_image(image):
             width, height = image.size
             if width == 0 or height == 0:
                 raise ValueError(f"Image {index} is empty ({width}x{height} pixels).")
             continue
+        if isinstance(image, str):  # a path or URL, which transformers fetches
+            continue
         if not isinstance(image, (np.ndarray, torch.Tensor)):
             raise TypeError(
-                f"Image {index} is a {type(image).__name__}; expected a PIL image, a numpy array or a torch tensor."
+                f"Image {index} is a {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor or "
+                "a path."
             )
         shape = tuple(image.shape)
         if len(shape) not in (2, 3, 4):
