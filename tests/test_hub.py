@@ -43,7 +43,7 @@ EXPECTED_REPO_FILES = {"README.md", "config.json", "model.safetensors", "preproc
 # Runs on the "fresh machine": loads the repo three ways and writes what it got as JSON. It must not import
 # modeling_pvt, so the stock path really is stock transformers and the remote path really is the Hub's code.
 CLIENT_CODE = """
-import json, sys
+import json, os, sys
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
@@ -59,6 +59,8 @@ with torch.no_grad():
                        "pixels": pixels.flatten().tolist()}
     classifier = pipeline("image-classification", model=repo_id)
     result["pipeline"] = {"class": type(classifier.model).__module__, "scores": classifier(image, top_k=None)}
+    if not os.environ.get("HF_HUB_OFFLINE"):  # the task comes from the model card's metadata, via the Hub API
+        result["inferred_task"] = pipeline(model=repo_id).task
     remote = AutoModelForImageClassification.from_pretrained(repo_id, trust_remote_code=True).eval()
     remote_processor = AutoImageProcessor.from_pretrained(repo_id, trust_remote_code=True)
     pixels = remote_processor(image, return_tensors="pt").pixel_values
@@ -269,7 +271,12 @@ def test_push_then_load_on_a_fresh_machine_online_and_offline(hub, published, re
         assert set(scores) == set(reference["labels"].values())
         for index, label in reference["labels"].items():
             assert scores[label] == pytest.approx(expected_scores[index].item(), abs=1e-6), (mode, label)
+    assert results["online"]["inferred_task"] == "image-classification"
     assert_no_token_in_files(hf_home, published["hf_home"])
+    for repo in list(hub.state.repos.values()):
+        for commit in repo.commits.values():
+            for path in commit.files:
+                assert TOKEN.encode() not in hub.file_bytes(repo.repo_id, path, commit.commit_id), path
 
 
 def test_pushing_an_unchanged_folder_makes_no_commit(hub, published, checkpoint, tmp_path):
