@@ -9,7 +9,8 @@ convolutions), every linear layer (query, key, value, attention output, MLP, cla
 matrix products (Q K^T and softmax(.) V). Bias additions, LayerNorms, GELUs, softmaxes, position-embedding
 additions and residual additions are not counted. We measure it with `torch.utils.flop_counter.FlopCounterMode` on a
 forward pass of `PvtForImageClassification` built on the `meta` device (no memory, no initialisation) and divide
-its FLOPs by two (it counts a multiply-add as two FLOPs).
+its FLOPs by two (it counts a multiply-add as two FLOPs). FlopCounterMode misses the CPU fused attention kernel and
+the in-place matrix products (`addmm_`, `baddbmm_`) that inference fast paths use, so formulas for those are added.
 """
 
 from __future__ import annotations
@@ -103,6 +104,38 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    # `addmm_` (accumulate a matrix product into an existing tensor) is what inference fast paths use to fuse a bias
+    # and a residual into a linear layer; FlopCounterMode only knows the out-of-place `addmm`.
+    rows, inner = a_shape
+    return 2 * rows * inner * b_shape[1]
+
+
+def _inplace_baddbmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, rows, inner = a_shape
+    return 2 * batch * rows * inner * b_shape[2]
+
+
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten.addmm_: _inplace_addmm_flops,
+    torch.ops.aten.baddbmm_: _inplace_baddbmm_flops,
+}
+
+# Operators that compute the attention products (Q K^T, attention x V) rather than a linear layer or a convolution.
+ATTENTION_OPERATORS = frozenset(
+    {
+        "aten.bmm",
+        "aten.baddbmm",
+        "aten.baddbmm_",
+        "aten._scaled_dot_product_flash_attention_for_cpu",
+        "aten._scaled_dot_product_flash_attention",
+        "aten._scaled_dot_product_efficient_attention",
+        "aten._scaled_dot_product_cudnn_attention",
+    }
+)
+
+
 def multiply_adds_by_operator(
     model_or_config: nn.Module | PvtConfig | str, image_size: ImageSize | None = None
 ) -> dict[str, int]:
@@ -122,13 +155,14 @@ def multiply_adds_by_operator(
     pixel_values = torch.empty(
         1, config.num_channels, height, width, device=first_parameter.device, dtype=first_parameter.dtype
     )
-    counter = FlopCounterMode(
-        display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-    )
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    # On `meta` tensors autograd costs nothing, and with it on the model takes its plain path: inference-only fast
+    # paths compute the same products in many small pieces, which is the same count but far slower to trace.
+    grad_enabled = first_parameter.is_meta
     was_training = model.training
     model.eval()
     try:
-        with counter, torch.no_grad():
+        with counter, torch.set_grad_enabled(grad_enabled):
             model(pixel_values=pixel_values)
     finally:
         model.train(was_training)
@@ -139,6 +173,11 @@ def multiply_adds_by_operator(
 def count_multiply_adds(model_or_config: nn.Module | PvtConfig | str, image_size: ImageSize = 224) -> int:
     """Multiply-adds of one forward pass of one `image_size` image (see the module docstring for what counts)."""
     return sum(multiply_adds_by_operator(model_or_config, image_size).values())
+
+
+def attention_multiply_adds(by_operator: dict[str, int]) -> int:
+    """The part of a `multiply_adds_by_operator` result spent in the attention products."""
+    return sum(count for operator, count in by_operator.items() if operator in ATTENTION_OPERATORS)
 
 
 def feature_maps(config: PvtConfig | str, image_size: ImageSize = 224) -> tuple[FeatureMapFacts, ...]:
@@ -197,10 +236,12 @@ def preset_names() -> list[str]:
 
 
 __all__ = [
+    "ATTENTION_OPERATORS",
     "PAPER_REPORTED",
     "FeatureMapFacts",
     "ModelFacts",
     "PaperReported",
+    "attention_multiply_adds",
     "build_on_meta",
     "count_multiply_adds",
     "count_parameters",
