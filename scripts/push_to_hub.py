@@ -13,8 +13,10 @@ The repo folder is assembled from what the checkpoint folder holds, through the 
 with `modeling_pvt` (every weight must be accounted for; pickled `.bin` weights are read with
 `torch.load(weights_only=True)`) and written back with `save_pretrained`, which gives `config.json` with its
 `auto_map`, `model.safetensors` and the Hub code files (`configuration_pvt.py`, `modeling_pvt.py`,
-`image_processing_pvt.py`); the image processor adds `preprocessor_config.json`, and the size's model card becomes
-`README.md`, with the checkpoint's measured results (`eval_results.json` / `all_results.json`) when present. No
+`image_processing_pvt.py`); the image processor adds `preprocessor_config.json`. `README.md` is the size's model card
+from `scripts/make_model_cards.py`, with the checkpoint's measured results (`eval_results.json` / `all_results.json`)
+when present; the size is the `--size` given (in `--sizes` mode, the folder's) or the paper size whose ImageNet-1k
+classifier the config describes. Other checkpoints keep the README.md of their folder, else get a minimal card. No
 pickle file is ever published.
 
 It is pushed as ONE commit (`create_repo(exist_ok=True)` + `create_commit`). Files whose content the Hub already
@@ -83,12 +85,13 @@ class PushResult:
 
 # --------------------------------------------------------------------------------------------------- model card
 def infer_size(config) -> str | None:
-    """The paper size whose architecture the config has, or None for any other architecture."""
+    """The paper size whose ImageNet-1k classifier the config describes (None for any other model: a fine-tuned
+    head on another label set must not get the ImageNet card)."""
     from modeling_pvt import PVT_PRESETS, PvtConfig
 
     for size in PVT_PRESETS:
         preset = PvtConfig.from_preset(size)
-        if all(getattr(config, name) == getattr(preset, name) for name in ARCHITECTURE_FIELDS):
+        if all(getattr(config, name) == getattr(preset, name) for name in (*ARCHITECTURE_FIELDS, "num_labels")):
             return size
     return None
 
@@ -104,7 +107,7 @@ def read_results(model_dir: Path) -> dict | None:
 
 
 def _load_card_renderer():
-    """`render_model_card(size, results)` from scripts/make_model_cards.py, or None when that script is absent."""
+    """`render_model_card(size, results, repo_id)` of scripts/make_model_cards.py (None when that script is absent)."""
     path = Path(__file__).with_name("make_model_cards.py")
     if not path.is_file():
         return None
@@ -147,17 +150,36 @@ def _minimal_card(repo_name: str, results: dict | None) -> str:
     return ModelCard("\n".join(lines) + "\n").content
 
 
-def render_card(size: str | None, results: dict | None, repo_id: str) -> str:
-    """The README.md of the repo: the size's generated card when the size is known, else a minimal card."""
+def card_results(results: dict | None) -> dict | None:
+    """The results in the form the card generator reads: scripts/train.py names the dataset `dataset`, the cards
+    (and scripts/evaluate.py) `dataset_name`."""
+    if results and "dataset_name" not in results and results.get("dataset"):
+        return {**results, "dataset_name": results["dataset"]}
+    return results
+
+
+def render_card(size: str | None, results: dict | None, repo_id: str, model_dir: Path | None = None) -> str:
+    """The README.md of the repo.
+
+    A paper size gets its card from scripts/make_model_cards.py, with the measured results (the committed
+    `model_cards/pvt-<size>.md` if that script is missing). Any other checkpoint keeps the card its folder has
+    (scripts/train.py writes one), else gets a minimal card.
+    """
     if size is not None:
         renderer = _load_card_renderer()
         if renderer is not None:
-            return renderer(size, results)
+            try:
+                return renderer(size, card_results(results), repo_id)
+            except ValueError as error:
+                raise PublishError(f"Cannot write the PVT-{size} model card: {error}") from error
         committed = REPO_ROOT / "model_cards" / f"pvt-{size}.md"
         if committed.is_file():
             if results:
                 logger.warning("scripts/make_model_cards.py is missing: the card will not show the measured results.")
             return committed.read_text()
+    if model_dir is not None and (Path(model_dir) / "README.md").is_file():
+        logger.info("Publishing the model card of %s as it is.", model_dir)
+        return (Path(model_dir) / "README.md").read_text()
     return _minimal_card(repo_id, results)
 
 
@@ -210,7 +232,7 @@ def assemble_repo_folder(model_dir: Path, output_dir: Path, repo_id: str, size: 
         logger.warning("%s has no preprocessor_config.json: publishing the default PVT preprocessing.", model_dir)
         image_processor = PvtImageProcessor()
     image_processor.save_pretrained(output_dir)
-    (output_dir / "README.md").write_text(render_card(size, read_results(model_dir), repo_id))
+    (output_dir / "README.md").write_text(render_card(size, read_results(model_dir), repo_id, model_dir))
 
     _check_repo_folder(output_dir)
     return sorted(path.relative_to(output_dir).as_posix() for path in output_dir.rglob("*") if path.is_file())

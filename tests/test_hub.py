@@ -140,8 +140,8 @@ def make_checkpoint(folder: Path, seed: int, results: dict | None = None) -> Pat
     return folder
 
 
-def load_push_module():
-    spec = importlib.util.spec_from_file_location("push_to_hub", PUSH_SCRIPT)
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
@@ -301,9 +301,13 @@ def test_pushing_an_unchanged_folder_makes_no_commit(hub, published, checkpoint,
 
 
 def test_sizes_mode_publishes_each_size_to_its_own_repo(hub, tmp_path):
+    make_model_cards = load_script("make_model_cards")
     checkpoints = tmp_path / "converted"
     for seed, size in enumerate(("tiny", "small")):
         make_checkpoint(checkpoints / f"pvt-{size}", seed=seed)
+    # As scripts/train.py writes it (it names the dataset `dataset`).
+    tiny_results = {"eval_accuracy": 0.7512, "eval_top5_accuracy": 0.9275, "dataset": "imagenet-1k", "epoch": 300}
+    (checkpoints / "pvt-tiny" / "all_results.json").write_text(json.dumps(tiny_results))
 
     # All requested folders are checked before anything is published.
     process = push(hub, tmp_path / "home", "--sizes", "--checkpoints_dir", str(checkpoints), "--namespace", "lab",
@@ -320,8 +324,14 @@ def test_sizes_mode_publishes_each_size_to_its_own_repo(hub, tmp_path):
         published_weights = load(hub.file_bytes(repo.repo_id, "model.safetensors"))
         assert published_weights.keys() == weights.keys()
         assert all(torch.equal(published_weights[key], weights[key]) for key in weights)
-        metadata = card_metadata(hub.file_bytes(repo.repo_id, "README.md").decode())
-        assert metadata["pipeline_tag"] == "image-classification"
+        readme = hub.file_bytes(repo.repo_id, "README.md").decode()
+        assert card_metadata(readme)["pipeline_tag"] == "image-classification"
+        # The size's card, made by scripts/make_model_cards.py, with the measured results where there are some.
+        results = {**tiny_results, "dataset_name": "imagenet-1k"} if size == "tiny" else None
+        assert readme == make_model_cards.render_model_card(size, results, repo.repo_id)
+    model_index = card_metadata(hub.file_bytes("lab/pvt-tiny", "README.md").decode())["model-index"]
+    assert [metric["value"] for metric in model_index[0]["results"][0]["metrics"]][0] == pytest.approx(0.7512)
+    assert "model-index" not in card_metadata(hub.file_bytes("lab/pvt-small", "README.md").decode())
     # A private repo is invisible without the owner's token.
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(f"{hub.url}/api/models/lab/pvt-tiny")
@@ -329,7 +339,7 @@ def test_sizes_mode_publishes_each_size_to_its_own_repo(hub, tmp_path):
 
 
 def test_pickled_weights_are_converted_and_mismatched_weights_refused(tmp_path):
-    push_to_hub = load_push_module()
+    push_to_hub = load_script("push_to_hub")
     checkpoint = make_checkpoint(tmp_path / "pickled", seed=3)
     state_dict = load_file(checkpoint / "model.safetensors")
     (checkpoint / "model.safetensors").unlink()
@@ -384,3 +394,16 @@ def test_hub_server_speaks_the_download_protocol(hub, published):
         tree = {entry["path"]: entry for entry in json.load(response)}
     assert set(tree) == EXPECTED_REPO_FILES | {".gitattributes"}
     assert tree["model.safetensors"]["lfs"]["size"] == len(weights)
+
+
+def test_card_choice(tmp_path):
+    push_to_hub = load_script("push_to_hub")
+    assert push_to_hub.infer_size(PvtConfig.from_preset("small")) == "small"
+    # A fine-tuned head on another label set is not the ImageNet-1k model the size's card describes.
+    assert push_to_hub.infer_size(PvtConfig.from_preset("small", num_labels=10)) is None
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# My fine-tuned PVT\n")
+    assert push_to_hub.render_card(None, None, "me/pvt-ft", tmp_path) == (tmp_path / "README.md").read_text()
+    minimal = push_to_hub.render_card(None, {"eval_accuracy": 0.5}, "me/pvt-ft", tmp_path / "elsewhere")
+    assert card_metadata(minimal)["library_name"] == "transformers" and "`eval_accuracy`: 0.5" in minimal
+    with pytest.raises(push_to_hub.PublishError, match="eval_accuracy"):
+        push_to_hub.render_card("tiny", {"dataset": "imagenet-1k", "eval_loss": 1.0}, "me/pvt-tiny")
