@@ -11,7 +11,7 @@ from a results JSON (`--results size=path.json`) measured by `scripts/evaluate.p
 
 A results JSON holds fractions in [0, 1]:
     {"eval_accuracy": 0.751, "eval_top5_accuracy": 0.927,              # top-1 required, top-5 optional
-     "dataset_name": "imagenet-1k", "dataset_config_name": null,          # Hub dataset id, required
+     "dataset_name": "imagenet-1k", "dataset_config_name": null,          # Hub dataset id, required (or "dataset")
      "split": "validation", "eval_samples": 50000, "source": "scripts/evaluate.py"}   # optional
 `render_model_card(size, results=None, repo_id=None)` is the API the Hub push script uses.
 """
@@ -71,10 +71,13 @@ def _fraction(results: Mapping, key: str) -> float:
 
 def _measured_results(results: Mapping, model_name: str) -> tuple[dict, list[EvalResult]]:
     """Template variables and `model-index` entries for a results JSON; refuses one that lacks what it needs."""
+    # scripts/train.py writes the dataset as "dataset", scripts/evaluate.py as "dataset_name".
+    results = {**results, "dataset_name": results.get("dataset_name") or results.get("dataset")}
     missing = [key for key in REQUIRED_RESULT_KEYS if results.get(key) in (None, "")]
     if missing:
         raise ValueError(
-            f"The results JSON lacks {', '.join(map(repr, missing))}; it needs at least {list(REQUIRED_RESULT_KEYS)}."
+            f"The results JSON lacks {', '.join(map(repr, missing))}; it needs at least {list(REQUIRED_RESULT_KEYS)} "
+            "(the dataset may also be given as 'dataset')."
         )
     dataset = str(results["dataset_name"])
     config_name = results.get("dataset_config_name") or None

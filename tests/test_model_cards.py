@@ -105,6 +105,12 @@ def test_model_index_only_from_measured_results():
     assert "75.1% top-1" in text
 
 
+def test_trainer_results_name_the_dataset_as_dataset():
+    trainer_results = {"eval_accuracy": 0.97, "eval_top5_accuracy": 1.0, "dataset": "sklearn-digits", "split": "test"}
+    card = ModelCard(render_model_card("tiny", results=trainer_results))
+    assert {result.dataset_type for result in card.data.eval_results} == {"sklearn-digits"}
+
+
 def test_results_without_what_model_index_needs_are_refused():
     with pytest.raises(ValueError, match="dataset_name"):
         render_model_card("tiny", results={"eval_accuracy": 0.7})
