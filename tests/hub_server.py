@@ -758,9 +758,9 @@ class _HubHTTPServer(ThreadingHTTPServer):
 class HubServer:
     """Runs the test Hub in a background thread: `with HubServer() as hub: ... hub.url ...`."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.state = HubState()
-        self._httpd = _HubHTTPServer((host, 0), HubRequestHandler)  # port 0: the OS picks a free port
+        self._httpd = _HubHTTPServer((host, port), HubRequestHandler)  # port 0: the OS picks a free port
         self._httpd.state = self.state
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="test-hub", daemon=True)
 
@@ -801,3 +801,28 @@ class HubServer:
     def request_count(self) -> int:
         with self.state.lock:
             return len(self.state.requests)
+
+
+def main() -> None:
+    """Serves a test Hub in the foreground, for rehearsing a publication locally (see the README)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0, help="Port on 127.0.0.1 (default: a free one).")
+    parser.add_argument("--token", required=True, help="The write token clients must send (as HF_TOKEN).")
+    parser.add_argument("--user", default="me", help="The user the token belongs to.")
+    parser.add_argument("--orgs", nargs="*", default=[], help="Organisations the user may publish under.")
+    args = parser.parse_args()
+    server = HubServer(port=args.port)
+    server.state.add_token(args.token, args.user, args.orgs)
+    print(f"Test Hub at {server.url}: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)
+    try:
+        server._httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server._httpd.server_close()
+
+
+if __name__ == "__main__":
+    main()
