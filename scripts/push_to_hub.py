@@ -150,14 +150,6 @@ def _minimal_card(repo_name: str, results: dict | None) -> str:
     return ModelCard("\n".join(lines) + "\n").content
 
 
-def card_results(results: dict | None) -> dict | None:
-    """The results in the form the card generator reads: scripts/train.py names the dataset `dataset`, the cards
-    (and scripts/evaluate.py) `dataset_name`."""
-    if results and "dataset_name" not in results and results.get("dataset"):
-        return {**results, "dataset_name": results["dataset"]}
-    return results
-
-
 def render_card(size: str | None, results: dict | None, repo_id: str, model_dir: Path | None = None) -> str:
     """The README.md of the repo.
 
@@ -169,7 +161,7 @@ def render_card(size: str | None, results: dict | None, repo_id: str, model_dir:
         renderer = _load_card_renderer()
         if renderer is not None:
             try:
-                return renderer(size, card_results(results), repo_id)
+                return renderer(size, results, repo_id)
             except ValueError as error:
                 raise PublishError(f"Cannot write the PVT-{size} model card: {error}") from error
         committed = REPO_ROOT / "model_cards" / f"pvt-{size}.md"
