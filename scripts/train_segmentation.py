@@ -22,12 +22,15 @@ Class names come from `--labels_file` (a JSON list, a JSON `{"id": "name"}` obje
 line); with only `--num_labels` (or neither: the largest class id found in the training masks + 1) they are
 `class_0`, `class_1`, ...
 
-Training follows the PVT paper's segmentation recipe where it is a setting of this script: AdamW with learning rate
-1e-4, polynomial decay (power 0.9), random rescaling to 0.5-2x of `--image_size` (shortest edge), random
-`--image_size` crops (padded with ignore_index) and horizontal flips. Evaluation resizes each image to
-`--image_size` x `--image_size` (the image processor saved with the model does the same), upsamples the logits to
-the mask's own size and scores every validation image once across processes (`gather_for_metrics`) with the
-mean-IoU metric that ships in `modeling_pvt/metrics/mean_iou`.
+The defaults follow the PVT authors' ADE20K segmentation configuration (which used a Semantic FPN head; here the
+head is UperNet) where it maps onto this script: AdamW with learning rate 1e-4 and weight decay 1e-4, polynomial
+decay (power 0.9), random rescaling to 0.5-2x of `--image_size` (shortest edge), random `--image_size` crops (padded
+with ignore_index) and horizontal flips. Not reproduced: photometric distortion and the crop's category-ratio cap.
+
+Evaluation resizes each image to `--image_size` x `--image_size` (the image processor saved with the model does the
+same; the authors instead rescale the shortest edge to 512), upsamples the logits to the mask's own size and scores
+every validation image once across processes (`gather_for_metrics`) with the mean-IoU metric that ships in
+`modeling_pvt/metrics/mean_iou`.
 
     accelerate launch scripts/train_segmentation.py --train_dir data/train --validation_dir data/val \
         --backbone_name_or_path path/to/pvt-small-classification --output_dir pvt-upernet-seg
