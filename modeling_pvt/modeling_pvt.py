@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, GELUActivation
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
@@ -36,6 +36,10 @@ HUB_AUTO_MAP = {
     "AutoBackbone": "modeling_pvt.PvtBackbone",
     "AutoImageProcessor": "image_processing_pvt.PvtImageProcessor",
 }
+
+
+# A block of tokens whose MLP activation is this large stays in the CPU's cache between the two MLP products.
+DEFAULT_TOKEN_CHUNK_BYTES = 4 * 2**20
 
 
 def tokens_to_feature_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -140,16 +144,20 @@ class PvtEfficientSelfAttention(nn.Module):
     def split_heads(self, projected: torch.Tensor) -> torch.Tensor:
         return projected.unflatten(-1, (self.num_attention_heads, self.attention_head_size)).transpose(1, 2)
 
-    def forward(
-        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self.split_heads(self.query(hidden_states))
+    def keys_and_values(
+        self, hidden_states: torch.Tensor, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(batch, heads, reduced tokens, head_dim)` from the (spatially reduced) token map."""
         if self.sequences_reduction_ratio > 1:
             reduced = self.sequence_reduction(tokens_to_feature_map(hidden_states, height, width))
             hidden_states = self.layer_norm(feature_map_to_tokens(reduced))
-        key = self.split_heads(self.key(hidden_states))
-        value = self.split_heads(self.value(hidden_states))
+        return self.split_heads(self.key(hidden_states)), self.split_heads(self.value(hidden_states))
 
+    def attend(
+        self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the queries of `hidden_states` over `key`/`value`: `(batch, tokens, hidden)` and the maps."""
+        query = self.split_heads(self.query(hidden_states))
         attention_interface: Callable = eager_attention_forward
         if self.config._attn_implementation not in (None, "eager") and not output_attentions:
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
@@ -164,6 +172,12 @@ class PvtEfficientSelfAttention(nn.Module):
             is_causal=False,
         )
         return attended.flatten(2), attention_maps
+
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key, value = self.keys_and_values(hidden_states, height, width)
+        return self.attend(hidden_states, key, value, output_attentions)
 
 
 class PvtSelfOutput(nn.Module):
@@ -189,6 +203,86 @@ class PvtAttention(nn.Module):
         return self.output(attended), attention_maps
 
 
+class TokenChunkedMLP(torch.autograd.Function):
+    """`activation(x @ W1^T + b1) @ W2^T + b2` on `(tokens, channels)` rows, a block of rows at a time.
+
+    The plain MLP writes two activations 4-8x wider than the tokens to main memory (before and after the activation)
+    and keeps both for the backward pass. This one keeps only the pre-activation, recomputes the (elementwise)
+    activation block by block in the backward pass, and runs every wide elementwise step on a block that is still in
+    cache. The matrix products are the same ones; the weight gradients are accumulated block by block.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight1: torch.Tensor,
+        bias1: torch.Tensor | None,
+        weight2: torch.Tensor,
+        bias2: torch.Tensor | None,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+        rows_per_chunk: int,
+    ) -> torch.Tensor:
+        num_rows = hidden.shape[0]
+        pre_activation = hidden.new_empty(num_rows, weight1.shape[0])
+        activated = torch.empty_like(pre_activation)
+        output = hidden.new_empty(num_rows, weight2.shape[0])
+        for start in range(0, num_rows, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            _linear_into(pre_activation[rows], hidden[rows], weight1, bias1)
+            activated[rows] = activation(pre_activation[rows])
+            _linear_into(output[rows], activated[rows], weight2, bias2)
+        ctx.save_for_backward(hidden, pre_activation, activated, weight1, weight2)
+        ctx.activation, ctx.rows_per_chunk = activation, rows_per_chunk
+        ctx.has_bias = (bias1 is not None, bias2 is not None)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, pre_activation, activated, weight1, weight2 = ctx.saved_tensors
+        needs_hidden, needs_weight1, needs_bias1, needs_weight2, needs_bias2 = ctx.needs_input_grad[:5]
+        grad_output = grad_output.contiguous()
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight1 = torch.zeros_like(weight1) if needs_weight1 else None
+        grad_weight2 = torch.zeros_like(weight2) if needs_weight2 else None
+        grad_bias1 = weight1.new_zeros(weight1.shape[0]) if needs_bias1 and ctx.has_bias[0] else None
+        grad_bias2 = grad_output.sum(0) if needs_bias2 and ctx.has_bias[1] else None
+        for start in range(0, hidden.shape[0], ctx.rows_per_chunk):
+            rows = slice(start, start + ctx.rows_per_chunk)
+            if grad_weight2 is not None:
+                grad_weight2.addmm_(grad_output[rows].t(), activated[rows])
+            grad_activated = grad_output[rows] @ weight2
+            grad_pre_activation = _activation_backward(ctx.activation, grad_activated, pre_activation[rows])
+            if grad_weight1 is not None:
+                grad_weight1.addmm_(grad_pre_activation.t(), hidden[rows])
+            if grad_bias1 is not None:
+                grad_bias1 += grad_pre_activation.sum(0)
+            if grad_hidden is not None:
+                torch.mm(grad_pre_activation, weight1, out=grad_hidden[rows])
+        return grad_hidden, grad_weight1, grad_bias1, grad_weight2, grad_bias2, None, None
+
+
+def _activation_backward(
+    activation: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor, pre_activation: torch.Tensor
+) -> torch.Tensor:
+    """Gradient through an elementwise `activation` at `pre_activation`: PyTorch's GELU derivative kernel for the
+    exact GELU (PVT's), autograd on the recomputed activation for any other."""
+    if isinstance(activation, GELUActivation) and activation.act is F.gelu:
+        return torch.ops.aten.gelu_backward(grad, pre_activation)
+    with torch.enable_grad():
+        leaf = pre_activation.detach().requires_grad_()
+        return torch.autograd.grad(activation(leaf), leaf, grad)[0]
+
+
+def _linear_into(output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """`output = inputs @ weight^T + bias`, written into `output` (2-D, contiguous rows)."""
+    if bias is None:
+        torch.mm(inputs, weight.t(), out=output)
+    else:
+        torch.addmm(bias, inputs, weight.t(), out=output)
+
+
 class PvtFFN(nn.Module):
     def __init__(self, config: PvtConfig, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -196,8 +290,33 @@ class PvtFFN(nn.Module):
         self.intermediate_act_fn = ACT2FN[config.hidden_act]
         self.dense2 = nn.Linear(intermediate_size, hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Size of the wide activation of one block of tokens in the chunked code paths (`TokenChunkedMLP` and
+        # `PvtLayer.forward_in_chunks`); 0 or None runs the straightforward whole-batch code.
+        self.token_chunk_bytes = DEFAULT_TOKEN_CHUNK_BYTES
+
+    def rows_per_chunk(self) -> int:
+        bytes_per_row = self.dense1.out_features * self.dense1.weight.element_size()
+        return max(1, self.token_chunk_bytes // bytes_per_row)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        use_chunks = (
+            self.token_chunk_bytes
+            and torch.is_grad_enabled()
+            and not (self.training and self.dropout.p > 0)
+            and not torch.compiler.is_compiling()
+        )
+        if use_chunks:
+            rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+            output = TokenChunkedMLP.apply(
+                rows,
+                self.dense1.weight,
+                self.dense1.bias,
+                self.dense2.weight,
+                self.dense2.bias,
+                self.intermediate_act_fn,
+                self.rows_per_chunk(),
+            )
+            return output.view(*hidden_states.shape[:-1], output.shape[-1])
         hidden_states = self.dropout(self.intermediate_act_fn(self.dense1(hidden_states)))
         return self.dropout(self.dense2(hidden_states))
 
@@ -241,10 +360,69 @@ class PvtLayer(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.mlp.token_chunk_bytes and not output_attentions and self._is_plain_inference():
+            return self.forward_in_chunks(hidden_states, height, width), None
         attended, attention_maps = self.attention(self.layer_norm_1(hidden_states), height, width, output_attentions)
         hidden_states = hidden_states + self.drop_path(attended)
         hidden_states = hidden_states + self.drop_path(self.mlp(self.layer_norm_2(hidden_states)))
         return hidden_states, attention_maps
+
+    def _is_plain_inference(self) -> bool:
+        # Eval mode (dropout and drop-path are identities), no autograd graph to record, and eager execution: under
+        # torch.compile the straightforward code lets the compiler fuse what it likes.
+        return not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    def token_chunks(self, batch_size: int, num_tokens: int) -> list[tuple[slice, slice]]:
+        """`(images, tokens)` slices covering the batch, each a contiguous block whose MLP activation is about
+        `mlp.token_chunk_bytes`: whole images grouped while they are small, token ranges of one image otherwise."""
+        tokens_per_chunk = self.mlp.rows_per_chunk()
+        if tokens_per_chunk >= num_tokens:
+            images_per_chunk = tokens_per_chunk // num_tokens
+            return [
+                (slice(start, min(start + images_per_chunk, batch_size)), slice(None))
+                for start in range(0, batch_size, images_per_chunk)
+            ]
+        num_pieces = math.ceil(num_tokens / tokens_per_chunk)
+        # equal pieces rather than a full run and a small remainder
+        tokens_per_chunk = math.ceil(num_tokens / num_pieces)
+        return [
+            (slice(image, image + 1), slice(start, min(start + tokens_per_chunk, num_tokens)))
+            for image in range(batch_size)
+            for start in range(0, num_tokens, tokens_per_chunk)
+        ]
+
+    @torch.no_grad()
+    def forward_in_chunks(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The same layer, for inference, a cache-sized block of tokens at a time.
+
+        Only the spatial reduction needs the whole token map; everything else in a layer (queries, attention over the
+        reduced keys and values, output projection, residuals, MLP) works token by token. Running it on blocks of
+        tokens keeps the MLP's wide hidden activation (8x the width in the first stages) in cache instead of writing
+        and reading it through main memory, and keeps every temporary small enough that the memory allocator reuses
+        it rather than mapping fresh pages. Biases and residuals are accumulated into the output block in place.
+        """
+        self_attention = self.attention.self
+        normalized = self.layer_norm_1(hidden_states)
+        key, value = self_attention.keys_and_values(normalized, height, width)
+        output = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+        hidden_size = hidden_states.shape[-1]
+        projection, dense1, dense2 = self.attention.output.dense, self.mlp.dense1, self.mlp.dense2
+        for images, tokens in self.token_chunks(*hidden_states.shape[:2]):
+            residual = hidden_states[images, tokens]
+            block = output[images, tokens]
+            attended, _ = self_attention.attend(normalized[images, tokens], key[images], value[images])
+            # block = residual + b + attended @ W^T, the matrix product accumulating into the block
+            if projection.bias is not None:
+                torch.add(residual, projection.bias, out=block)
+            else:
+                block.copy_(residual)
+            flat_block = block.view(-1, hidden_size)
+            flat_block.addmm_(attended.reshape(-1, hidden_size), projection.weight.t())
+            expanded = self.mlp.intermediate_act_fn(dense1(self.layer_norm_2(block)))
+            if dense2.bias is not None:
+                flat_block.add_(dense2.bias)
+            flat_block.addmm_(expanded.view(-1, expanded.shape[-1]), dense2.weight.t())
+        return output
 
 
 @dataclass
@@ -371,6 +549,17 @@ class PvtPreTrainedModel(PreTrainedModel):
             if processor_code.exists():
                 shutil.copy(processor_code, save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def set_token_chunk_bytes(self, chunk_bytes: int | None) -> None:
+        """Size (bytes) of the wide MLP activation of one block of tokens in the chunked code paths, for every layer.
+
+        The default keeps a block in a CPU's cache; a larger value means fewer, larger matrix products (a GPU gains
+        nothing from chunks: `None` or 0 there). `None` or 0 runs the straightforward whole-batch code, which the
+        chunked paths reproduce to floating-point rounding.
+        """
+        for module in self.modules():
+            if isinstance(module, PvtFFN):
+                module.token_chunk_bytes = chunk_bytes
 
     @property
     def feature_info(self) -> list[dict]:
