@@ -1,0 +1,484 @@
+"""Image-classification data for the training, fine-tuning and evaluation scripts.
+
+One entry point, `load_image_classification_data`, turns the command-line choices into train and validation
+`datasets.Dataset`s with a known image column, label column and label names:
+
+- a dataset on the Hugging Face Hub or on disk (`dataset_name`, optionally `dataset_config_name`);
+- ImageNet-style image folders (`train_dir` / `validation_dir`, one sub-folder per class);
+- nothing at all: scikit-learn's handwritten digits (1,797 real 8x8 greyscale scans that ship with scikit-learn),
+  split 80/20 with a fixed seed, so every script sees the same held-out images.
+
+Bad data policy:
+
+- an unreadable or corrupt image found by the up-front check (`check_images="verify"`, the default: PIL opens and
+  verifies every file; `"decode"` fully decodes each one, which also catches truncated JPEGs) is **skipped**, with one
+  warning that counts the skipped files and names the first of them;
+- an image that passes the check but cannot be decoded when a batch is built raises `UnreadableImageError` naming the
+  file (or the row for images stored inside a dataset); the scripts save what is trained before stopping;
+- a missing image or label column, an empty or missing folder, an unknown dataset: `DataError` with a message that
+  names the column (and lists the available ones), the folder, or the dataset.
+"""
+
+import io
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DIGITS_DATASET_NAME = "sklearn-digits"
+"""How the embedded default dataset is named in results files and model cards."""
+
+DEFAULT_SPLIT_SEED = 42
+"""Seed of every train/validation split made here; fixed so training and evaluation hold out the same images."""
+
+DIGITS_VALIDATION_FRACTION = 0.2
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+MAX_NAMED_BAD_FILES = 10
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as asked (missing column, empty folder, unknown dataset, ...)."""
+
+
+class UnreadableImageError(RuntimeError):
+    """An image could not be decoded while building a batch."""
+
+
+@dataclass
+class ImageClassificationData:
+    """Train and validation splits with undecoded images (`{"bytes", "path"}` dicts) and integer labels."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    labels: list[str]
+    image_column: str
+    label_column: str
+    name: str
+    """A short description of the source, for results files and model cards."""
+    validation_split_name: str
+    """`"validation"`, `"test"`, or e.g. `"train[20% held out, seed 42]"` when carved out of the training split."""
+    skipped_images: int = 0
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: index for index, label in enumerate(self.labels)}
+
+
+def load_digits_dataset() -> datasets.Dataset:
+    """scikit-learn's digits as a `datasets.Dataset`: 8-bit greyscale PNG images in `image`, class in `label`."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # The scans hold 17 grey levels (0..16); spread them over 0..255 so they look like ordinary 8-bit images.
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(digit) for digit in range(10)])}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(array, mode="L") for array in pixels], "label": digits.target.tolist()},
+        features=features,
+    )
+
+
+def _find_image_files(folder: Path, limit: int = 1) -> list[Path]:
+    found = []
+    for root, _, files in os.walk(folder):
+        for file_name in files:
+            if Path(file_name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(root) / file_name)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def _check_image_folder(folder: str, argument: str) -> None:
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"{argument} {folder!r} is not a folder.")
+    if not _find_image_files(path):
+        raise DataError(
+            f"{argument} {folder!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            f"expected one sub-folder per class, e.g. {path / 'class_name' / 'image.jpg'}."
+        )
+
+
+def _load_named_dataset(
+    dataset_name: str, dataset_config_name: str | None, cache_dir: str | None
+) -> datasets.DatasetDict:
+    try:
+        if Path(dataset_name).is_dir() and (Path(dataset_name) / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(dataset_name)
+        else:
+            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as error:
+        raise DataError(
+            f"Cannot load dataset {dataset_name!r}"
+            + (f" (config {dataset_config_name!r})" if dataset_config_name else "")
+            + f": it is neither a local dataset nor one the Hugging Face Hub could provide ({error}). Check the "
+            "name and your connection (HF_HUB_OFFLINE=1 allows only cached datasets), or pass image folders with "
+            "--train_dir/--validation_dir."
+        ) from error
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def _resolve_column(
+    dataset: datasets.Dataset, requested: str | None, feature_type: type, role: str, option: str
+) -> str:
+    columns = list(dataset.column_names)
+    if requested is not None:
+        if requested not in columns:
+            raise DataError(
+                f"The dataset has no {role} column {requested!r}; available columns: {columns}. "
+                f"Pass the right one with {option}."
+            )
+        return requested
+    typed = [name for name, feature in dataset.features.items() if isinstance(feature, feature_type)]
+    if typed:
+        return typed[0]
+    for candidate in ("image", "img") if role == "image" else ("label", "labels"):
+        if candidate in columns:
+            return candidate
+    raise DataError(f"Cannot tell which column holds the {role}s; available columns: {columns}. Pass {option}.")
+
+
+def _image_problem(value: dict | None, full_decode: bool) -> str:
+    """Why the undecoded image `value` cannot be read, or an empty string when it can."""
+    if value is None or (value.get("bytes") is None and not value.get("path")):
+        return "no image data"
+    try:
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+        with Image.open(source) as image:
+            if full_decode:
+                image.load()
+            else:
+                image.verify()
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files.
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def _describe_image(value: dict | None, index: int, split: str) -> str:
+    path = (value or {}).get("path")
+    return f"{path!r}" if path else f"row {index} of the {split} split"
+
+
+def drop_unreadable_images(
+    dataset: datasets.Dataset,
+    image_column: str,
+    split: str,
+    full_decode: bool = False,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, int]:
+    """Skip rows whose image cannot be opened; warn once with the count and the first file names."""
+    checked = dataset.select_columns([image_column]).map(
+        lambda batch: {"problem": [_image_problem(value, full_decode) for value in batch[image_column]]},
+        batched=True,
+        remove_columns=[image_column],
+        num_proc=num_proc,
+        desc=f"Checking {split} images",
+    )
+    problems = checked["problem"]
+    bad_rows = [index for index, problem in enumerate(problems) if problem]
+    if not bad_rows:
+        return dataset, 0
+    if len(bad_rows) == len(dataset):
+        raise DataError(f"None of the {len(dataset)} images of the {split} split can be read: {problems[0]}")
+    named = [
+        f"{_describe_image(dataset[index][image_column], index, split)} ({problems[index]})"
+        for index in bad_rows[:MAX_NAMED_BAD_FILES]
+    ]
+    more = f" and {len(bad_rows) - len(named)} more" if len(bad_rows) > len(named) else ""
+    logger.warning(
+        "Skipping %d unreadable image(s) of %d in the %s split: %s%s",
+        len(bad_rows),
+        len(dataset),
+        split,
+        "; ".join(named),
+        more,
+    )
+    bad = set(bad_rows)
+    return dataset.select([index for index in range(len(dataset)) if index not in bad]), len(bad_rows)
+
+
+def load_image_classification_data(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    train_val_split: float = 0.15,
+    image_column_name: str | None = None,
+    label_column_name: str | None = None,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    cache_dir: str | None = None,
+    check_images: str = "verify",
+    num_proc: int | None = None,
+    validation_split_name: str | None = None,
+) -> ImageClassificationData:
+    """Load train and validation splits; see the module docstring for the sources and the bad-data policy.
+
+    Without a validation split (or folder) a stratified `train_val_split` fraction of the training data is held out
+    with `split_seed`. `check_images` is `"verify"`, `"decode"` or `"none"`. `validation_split_name` picks the
+    held-out split of a named dataset (default: `validation`, else `test`, else carved out of `train`).
+    """
+    if check_images not in ("verify", "decode", "none"):
+        raise ValueError(f"check_images must be 'verify', 'decode' or 'none', got {check_images!r}.")
+    if dataset_name is not None and (train_dir is not None or validation_dir is not None):
+        raise DataError("Pass either a dataset name or image folders (train_dir/validation_dir), not both.")
+
+    if dataset_name is None and train_dir is None and validation_dir is None:
+        name = DIGITS_DATASET_NAME
+        splits = datasets.DatasetDict({"train": load_digits_dataset()})
+        train_val_split = DIGITS_VALIDATION_FRACTION
+    elif dataset_name is not None:
+        name = dataset_name + (f" ({dataset_config_name})" if dataset_config_name else "")
+        splits = _load_named_dataset(dataset_name, dataset_config_name, cache_dir)
+    else:
+        if train_dir is None:
+            raise DataError("--validation_dir needs --train_dir as well.")
+        data_files = {}
+        for split, folder, argument in (
+            ("train", train_dir, "train_dir"),
+            ("validation", validation_dir, "validation_dir"),
+        ):
+            if folder is not None:
+                _check_image_folder(folder, argument)
+                data_files[split] = str(Path(folder) / "**")
+        name = f"imagefolder:{train_dir}"
+        splits = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+
+    if validation_split_name is not None and validation_split_name not in splits and validation_split_name != "train":
+        raise DataError(f"The dataset has no split {validation_split_name!r}; available splits: {list(splits)}.")
+    if "train" not in splits:
+        raise DataError(f"The dataset has no 'train' split; available splits: {list(splits)}.")
+    train = splits["train"]
+    image_column = _resolve_column(train, image_column_name, datasets.Image, "image", "--image_column_name")
+    label_column = _resolve_column(train, label_column_name, datasets.ClassLabel, "label", "--label_column_name")
+
+    held_out = validation_split_name
+    if held_out is None:
+        held_out = next((split for split in ("validation", "test") if split in splits), None)
+    if held_out is not None and held_out != "train":
+        validation = splits[held_out]
+        for column, role, option in (
+            (image_column, "image", "--image_column_name"),
+            (label_column, "label", "--label_column_name"),
+        ):
+            if column not in validation.column_names:
+                raise DataError(
+                    f"The {held_out!r} split has no {role} column {column!r}; available columns: "
+                    f"{validation.column_names}. Pass the right one with {option}."
+                )
+    else:
+        if not 0.0 < train_val_split < 1.0:
+            raise DataError(f"train_val_split must lie in (0, 1), got {train_val_split}.")
+        if not isinstance(train.features[label_column], datasets.ClassLabel):
+            train = train.class_encode_column(label_column)
+        parts = train.train_test_split(
+            test_size=train_val_split, seed=split_seed, stratify_by_column=label_column, shuffle=True
+        )
+        train, validation = parts["train"], parts["test"]
+        held_out = f"train[{train_val_split:.0%} held out, seed {split_seed}]"
+
+    if not isinstance(train.features[label_column], datasets.ClassLabel):
+        # Labels stored as strings or plain integers: encode them once, over both splits, so ids agree.
+        values = set(train[label_column]) | set(validation[label_column])
+        # Integer labels keep their numeric order (so id 2 stays "2", not after "10"); strings sort alphabetically.
+        ordered = sorted(values) if all(isinstance(value, int) for value in values) else sorted(map(str, values))
+        names = [str(value) for value in ordered]
+        class_label = datasets.ClassLabel(names=names)
+
+        def encode(batch: dict) -> dict:
+            return {label_column: [class_label.str2int(str(value)) for value in batch[label_column]]}
+
+        train = train.map(encode, batched=True).cast_column(label_column, class_label)
+        validation = validation.map(encode, batched=True).cast_column(label_column, class_label)
+    labels = list(train.features[label_column].names)
+
+    train = train.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
+    validation = validation.select_columns([image_column, label_column]).cast_column(
+        image_column, datasets.Image(decode=False)
+    )
+    for split, dataset in (("train", train), ("validation", validation)):
+        if len(dataset) == 0:
+            raise DataError(f"The {split} split of {name} is empty.")
+
+    skipped = 0
+    if check_images != "none":
+        full_decode = check_images == "decode"
+        train, skipped_train = drop_unreadable_images(train, image_column, "train", full_decode, num_proc)
+        validation, skipped_validation = drop_unreadable_images(
+            validation, image_column, "validation", full_decode, num_proc
+        )
+        skipped = skipped_train + skipped_validation
+    return ImageClassificationData(
+        train=train,
+        validation=validation,
+        labels=labels,
+        image_column=image_column,
+        label_column=label_column,
+        name=name,
+        validation_split_name=held_out,
+        skipped_images=skipped,
+    )
+
+
+def decode_image(value: dict | None, description: str) -> Image.Image:
+    """Decode an undecoded `datasets` image (`{"bytes", "path"}`) to RGB, or raise `UnreadableImageError`."""
+    try:
+        if value is None:
+            raise ValueError("no image data")
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+        with Image.open(source) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as error:  # PIL raises many types for bad files; re-raise one that names the file.
+        raise UnreadableImageError(f"Cannot decode image {description}: {type(error).__name__}: {error}") from error
+
+
+@contextmanager
+def seeded_random_state(seed: int):
+    """Run a block with Python, NumPy and torch (CPU) random generators seeded by `seed`, then restore them."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """A map-style torch dataset: decodes, converts to RGB and transforms images into `pixel_values`, `labels`.
+
+    With `augmentation_seed`, the random augmentation of sample `index` in epoch `epoch` is a pure function of
+    (`augmentation_seed`, `epoch`, `index`): it does not depend on the number of data-loader workers, on which rank
+    loads the sample, or on whether training was interrupted and resumed. Call `set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        image_column: str,
+        label_column: str,
+        transform: Callable[[Image.Image], torch.Tensor],
+        split: str,
+        augmentation_seed: int | None = None,
+    ):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.split = split
+        self.augmentation_seed = augmentation_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _sample_seed(self, index: int) -> int:
+        return int(np.random.SeedSequence([self.augmentation_seed, self.epoch, index]).generate_state(1)[0])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        row = self.dataset[int(index)]
+        image = decode_image(row[self.image_column], _describe_image(row[self.image_column], index, self.split))
+        if self.augmentation_seed is None:
+            pixel_values = self.transform(image)
+        else:
+            with seeded_random_state(self._sample_seed(index)):
+                pixel_values = self.transform(image)
+        return {"pixel_values": pixel_values, "labels": row[self.label_column]}
+
+
+def collate_image_batch(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
+    }
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A random order of `range(num_samples)` that depends only on `seed` and the epoch set with `set_epoch`.
+
+    Every rank draws the same order (accelerate then deals the batches out), and a resumed run re-creates the order
+    of the interrupted epoch exactly, without touching the global random generators.
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        order_generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.num_samples, generator=order_generator).tolist()
+
+
+def build_train_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1",
+    random_erasing: float = 0.25,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    horizontal_flip: float = 0.5,
+    color_jitter: float = 0.4,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The DeiT/PVT training augmentation through timm: random resized crop (bicubic), flip, RandAugment (or colour
+    jitter when RandAugment is off), normalisation and random erasing; each part can be turned off."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=image_size,
+        is_training=True,
+        scale=crop_scale,
+        hflip=horizontal_flip,
+        color_jitter=color_jitter,
+        auto_augment=rand_augment or None,
+        interpolation="bicubic",
+        mean=tuple(mean),
+        std=tuple(std),
+        re_prob=random_erasing,
+        re_mode="pixel",
+        re_count=1,
+    )
+
+
+def build_processor_transform(image_processor) -> Callable[[Image.Image], torch.Tensor]:
+    """Evaluation preprocessing: exactly what the saved image processor does (resize, centre crop, normalise)."""
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    return transform
