@@ -50,6 +50,7 @@ from modeling_pvt.data import (
     load_image_classification_data,
 )
 from modeling_pvt.metrics import load_metric
+from modeling_pvt.runtime import configure_allocator
 
 logger = get_logger(__name__)
 
@@ -474,12 +475,7 @@ def push_to_hub(args: argparse.Namespace, output_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        from modeling_pvt.runtime import tune_allocator
-    except ImportError:
-        pass
-    else:
-        tune_allocator()
+    configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
     start_time = time.perf_counter()
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
