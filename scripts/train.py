@@ -742,7 +742,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.with_tracking:
         accelerator.log({**scores, "train_loss": train_loss}, step=completed_steps)
-        accelerator.end_training()
     if accelerator.is_main_process:
         (output_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
         write_model_card(output_dir, args, data, results)
@@ -755,6 +754,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise
             logger.info(f"Pushed {output_dir} to {repo_id}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers and the process group: nothing collective after this
     return results
 
 

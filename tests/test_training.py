@@ -1,0 +1,428 @@
+"""Training, fine-tuning and evaluation scripts, the shipped accuracy metric and the bad-data handling.
+
+The script tests run the real command lines in subprocesses (`accelerate launch --multi_gpu --num_processes 2` runs
+two gloo processes on a CPU host) on scikit-learn's digits with a toy-width PVT, so each run takes seconds.
+"""
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from hub_server import HubServer
+from PIL import Image
+from safetensors.torch import load_file
+
+from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
+from modeling_pvt.data import (
+    DataError,
+    ImageClassificationDataset,
+    UnreadableImageError,
+    build_processor_transform,
+    load_image_classification_data,
+)
+from modeling_pvt.metrics import load_metric, metric_path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+TOY_CONFIG = {"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 1, 2], "depths": [1, 1, 1, 1]}
+SCRIPT_TIMEOUT_S = 240
+HUB_TOKEN = "hf_test_training_token"
+HUB_REPO = "trainer/pvt-toy-digits"
+
+# 64 training images, 4 per batch and process, 2 batches per optimizer step: 4 steps per epoch on 2 processes.
+# Every random part of the paper's recipe is on (Mixup/CutMix, RandAugment, random erasing, flips, stochastic
+# depth) and the loader runs in a worker process, so exact resume covers all the random generators involved.
+# 21 validation images do not split evenly over 2 processes x 4, which exercises `gather_for_metrics`.
+TRAIN_ARGS = [
+    "--config_overrides", json.dumps(TOY_CONFIG),
+    "--max_train_samples", "64",
+    "--max_eval_samples", "21",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "4",
+    "--gradient_accumulation_steps", "2",
+    "--num_train_epochs", "4",
+    "--warmup_epochs", "1",
+    "--learning_rate", "1e-3",
+    "--mixup", "0.8",
+    "--cutmix", "1.0",
+    "--rand_augment", "rand-m9-mstd0.5-inc1",
+    "--random_erasing", "0.25",
+    "--min_crop_scale", "0.08",
+    "--horizontal_flip", "0.5",
+    "--drop_path_rate", "0.1",
+    "--num_workers", "1",
+    "--seed", "7",
+    "--checkpointing_steps", "3",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment(hub: HubServer | None = None, hf_home: Path | None = None) -> dict[str, str]:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if hub is not None:  # the in-process test Hub instead of huggingface.co; it speaks LFS, not Xet
+        environment.update(
+            HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=HUB_TOKEN, HF_HOME=str(hf_home)
+        )
+    return environment
+
+
+def _launch_command(script: str, *args: str, processes: int = 2) -> list[str]:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    # An explicit free port: other test runs on the machine may hold the default 29500.
+    launcher += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launcher, str(SCRIPTS / script), *args]
+
+
+def _run(command: list[str], expect_success: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=REPO, env=env or _environment(), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S
+    )
+    if expect_success and result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def _load_train_script():
+    spec = importlib.util.spec_from_file_location("pvt_train_script", SCRIPTS / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with HubServer() as server:
+        server.state.add_token(HUB_TOKEN, "trainer")
+        yield server
+    assert not server.state.errors, f"the test Hub met requests it does not understand: {server.state.errors}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, hub) -> Path:
+    """The reference 2-process run; it also logs to TensorBoard and pushes its output folder to the test Hub."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    extra = ["--with_tracking", "--push_to_hub", "--hub_model_id", HUB_REPO]
+    command = _launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir), *extra)
+    _run(command, env=_environment(hub, tmp_path_factory.mktemp("hf_home")))
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------- train.py
+def test_two_processes_end_with_identical_weights_and_count_every_sample_once(uninterrupted_run):
+    results = _results(uninterrupted_run)
+    assert results["num_processes"] == 2
+    digests = results["weights_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # The saved model is those weights.
+    model = PvtForImageClassification.from_pretrained(uninterrupted_run)
+    assert _load_train_script().weights_digest(model) == digests[0]
+    assert results["eval_samples"] == 21
+    assert 0.0 <= results["eval_accuracy"] <= results["eval_top5_accuracy"] <= 1.0
+    assert results["completed_steps"] == 16
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md"):
+        assert (uninterrupted_run / name).is_file(), name
+    card = (uninterrupted_run / "README.md").read_text()
+    assert f"{results['eval_accuracy']:.4f}" in card and f"{results['eval_top5_accuracy']:.4f}" in card
+    checkpoints = sorted(path.name for path in (uninterrupted_run / "checkpoints").iterdir())
+    assert checkpoints == ["step_12", "step_15", "step_3", "step_6", "step_9"]
+
+
+def test_tensorboard_logs_and_push_to_hub_from_the_main_process_only(uninterrupted_run, hub):
+    assert list((uninterrupted_run / "pvt_image_classification").rglob("events.out.tfevents.*"))
+    uploads = [commit for commit in hub.commits(HUB_REPO) if "train.py" in commit.title]
+    assert len(uploads) == 1, [commit.title for commit in hub.commits(HUB_REPO)]
+    files = set(uploads[0].files)
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"} <= files
+    assert not any(path.startswith("checkpoints/") for path in files)
+    assert hub.file_bytes(HUB_REPO, "model.safetensors") == (uninterrupted_run / "model.safetensors").read_bytes()
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted_run, tmp_path):
+    output_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        _launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir)),
+        cwd=REPO,
+        env=_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches the launcher and both workers at once
+    )
+    first_checkpoint = output_dir / "checkpoints" / "step_3" / "training_state.json"
+    deadline = time.monotonic() + SCRIPT_TIMEOUT_S
+    try:
+        while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first_checkpoint.exists(), "the run ended or timed out before its first checkpoint"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (output_dir / "all_results.json").exists(), "the run finished before it could be killed"
+
+    # What a crash in the middle of a save leaves behind must never be taken for a checkpoint.
+    (output_dir / "checkpoints" / ".step_900.tmp").mkdir()
+    (output_dir / "checkpoints" / ".step_900.tmp" / "model.safetensors").write_bytes(b"partial")
+    (output_dir / "checkpoints" / "step_901").mkdir()
+    resumed = _run(
+        _launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest")
+    )
+    assert "Resumed from" in resumed.stderr + resumed.stdout
+
+    expected, actual = _results(uninterrupted_run), _results(output_dir)
+    assert actual["weights_sha256_per_rank"] == expected["weights_sha256_per_rank"]
+    assert actual["eval_accuracy"] == expected["eval_accuracy"]
+    reference = load_file(uninterrupted_run / "model.safetensors")
+    final = load_file(output_dir / "model.safetensors")
+    assert reference.keys() == final.keys()
+    assert all(torch.equal(reference[name], final[name]) for name in reference)
+
+
+def test_resume_rejects_incomplete_checkpoint(tmp_path):
+    train = _load_train_script()
+    (tmp_path / "checkpoints" / ".step_4.tmp").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint|No complete checkpoint"):
+        train.resolve_checkpoint("latest", tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        train.resolve_checkpoint(str(tmp_path / "checkpoints" / ".step_4.tmp"), tmp_path)
+
+
+def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
+    train = _load_train_script()
+    model = PvtForImageClassification(PvtConfig(image_size=32, num_labels=3, **TOY_CONFIG))
+    decay, no_decay = train.parameter_groups(model, 0.05)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    no_decay_names = {names[id(parameter)] for parameter in no_decay["params"]}
+    decay_names = {names[id(parameter)] for parameter in decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    assert "pvt.encoder.patch_embeddings.3.cls_token" in no_decay_names
+    assert "pvt.encoder.patch_embeddings.0.position_embeddings" in no_decay_names
+    assert "pvt.encoder.block.0.0.layer_norm_1.weight" in no_decay_names
+    assert "classifier.bias" in no_decay_names
+    assert "classifier.weight" in decay_names
+    assert "pvt.encoder.block.0.0.attention.self.query.weight" in decay_names
+    assert "pvt.encoder.patch_embeddings.0.projection.weight" in decay_names
+
+
+# --------------------------------------------------------------------------------------- evaluate.py, finetune.py
+def test_evaluate_script_reproduces_the_training_result(uninterrupted_run, tmp_path):
+    output_file = tmp_path / "eval.json"
+    command = [sys.executable, str(SCRIPTS / "evaluate.py"), "--model_name_or_path", str(uninterrupted_run)]
+    _run([*command, "--max_eval_samples", "21", "--output_file", str(output_file)])
+    results = json.loads(output_file.read_text())
+    assert results["num_samples"] == 21
+    assert results["dataset"] == "sklearn-digits"
+    assert results["split"] == _results(uninterrupted_run)["split"]
+    assert results["model"] == str(uninterrupted_run)
+    assert results["eval_accuracy"] == pytest.approx(_results(uninterrupted_run)["eval_accuracy"])
+    assert results["eval_top5_accuracy"] == pytest.approx(_results(uninterrupted_run)["eval_top5_accuracy"])
+
+
+def test_finetune_from_saved_folder_with_new_labels(tmp_path):
+    pretrained_dir = tmp_path / "pretrained"
+    config = PvtConfig(image_size=32, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"}, **TOY_CONFIG)
+    pretrained = PvtForImageClassification(config)
+    pretrained.save_pretrained(pretrained_dir)
+    PvtImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        pretrained_dir
+    )
+
+    output_dir = tmp_path / "finetuned"
+    _run(
+        [
+            sys.executable,
+            str(SCRIPTS / "finetune.py"),
+            "--model_name_or_path",
+            str(pretrained_dir),
+            "--ignore_mismatched_sizes",
+            "--output_dir",
+            str(output_dir),
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "40",
+            "--per_device_train_batch_size",
+            "16",
+            "--per_device_eval_batch_size",
+            "16",
+            "--max_steps",
+            "4",
+            "--eval_strategy",
+            "no",
+            "--logging_strategy",
+            "no",
+            "--dataloader_num_workers",
+            "0",
+        ]  # fmt: skip
+    )
+    results = _results(output_dir)
+    assert results["eval_samples"] == 40
+    assert 0.0 <= results["eval_accuracy"] <= results["eval_top5_accuracy"] <= 1.0
+    finetuned = PvtForImageClassification.from_pretrained(output_dir)
+    assert finetuned.config.num_labels == 10
+    assert finetuned.config.id2label == {index: str(index) for index in range(10)}
+    assert finetuned.classifier.weight.shape == (10, 32)
+    # The body started from the saved weights and was trained further.
+    original = pretrained.state_dict()["pvt.encoder.block.0.0.mlp.dense1.weight"]
+    tuned = finetuned.state_dict()["pvt.encoder.block.0.0.mlp.dense1.weight"]
+    assert tuned.shape == original.shape and not torch.equal(tuned, original)
+    assert (output_dir / "preprocessor_config.json").is_file() and (output_dir / "README.md").is_file()
+
+
+# --------------------------------------------------------------------------------------------------- the metric
+def test_accuracy_metric_loads_offline_by_path():
+    metric_file = metric_path("accuracy") / "accuracy.py"
+    import evaluate
+
+    by_file = evaluate.load(str(metric_file))
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 1
+            [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 2: rank 5 -> top-5 hit only
+            [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 1: rank 6 -> miss
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.1],  # label 6: rank 2 -> top-5 hit only
+        ]
+    )
+    references = [0, 2, 1, 6]
+    assert by_file.compute(predictions=scores, references=references) == {
+        "accuracy": 0.25,
+        "top5_accuracy": 0.75,
+    }
+    by_folder = load_metric("accuracy")
+    for start in (0, 2):  # batches accumulate like any evaluate metric
+        by_folder.add_batch(predictions=scores[start : start + 2], references=references[start : start + 2])
+    assert by_folder.compute() == {"accuracy": 0.25, "top5_accuracy": 0.75}
+    assert by_folder.compute(predictions=[0, 2, 2], references=[0, 2, 1]) == {"accuracy": 2 / 3}
+    with pytest.raises(ValueError, match="available"):
+        load_metric("no_such_metric")
+
+
+# ------------------------------------------------------------------------------------------------------ bad data
+def _write_image(path: Path, value: int, image_format: str = "PNG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((16, 16, 3), value, dtype=np.uint8)
+    pixels[4:12, 4:12] = 255 - value
+    Image.fromarray(pixels).save(path, format=image_format)
+
+
+def _write_truncated_jpeg(path: Path) -> None:
+    """A JPEG whose header is fine (so PIL's verify passes) but whose data stops half-way (decoding fails)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def _image_folder(root: Path, per_class: int = 4) -> Path:
+    for label, value in (("circle", 30), ("square", 200)):
+        for index in range(per_class):
+            _write_image(root / label / f"{label}_{index}.png", value + index)
+    return root
+
+
+def test_corrupt_image_is_skipped_with_a_counted_warning_naming_it(tmp_path, caplog):
+    train_dir = _image_folder(tmp_path / "train")
+    (train_dir / "circle" / "broken.png").write_bytes(b"this is not a PNG")
+    with caplog.at_level(logging.WARNING, logger="modeling_pvt.data"):
+        data = load_image_classification_data(train_dir=str(train_dir), train_val_split=0.25)
+    assert data.skipped_images == 1
+    assert len(data.train) + len(data.validation) == 8
+    assert data.labels == ["circle", "square"]
+    assert "Skipping 1 unreadable image(s)" in caplog.text and "broken.png" in caplog.text
+
+
+def test_image_that_fails_only_at_decoding_names_the_file(tmp_path):
+    train_dir = _image_folder(tmp_path / "train")
+    _write_truncated_jpeg(train_dir / "square" / "truncated.jpg")
+    data = load_image_classification_data(train_dir=str(train_dir), train_val_split=0.25)
+    assert data.skipped_images == 0  # the cheap check cannot see truncation
+    everything = datasets.concatenate_datasets([data.train, data.validation])
+    dataset = ImageClassificationDataset(
+        everything, data.image_column, data.label_column, build_processor_transform(PvtImageProcessor()), "train"
+    )
+    with pytest.raises(UnreadableImageError, match="truncated.jpg"):
+        for index in range(len(dataset)):
+            dataset[index]
+    decoded = load_image_classification_data(train_dir=str(train_dir), train_val_split=0.25, check_images="decode")
+    assert decoded.skipped_images == 1
+
+
+def test_missing_label_column_names_it_and_lists_the_columns(tmp_path):
+    image = Image.new("RGB", (8, 8))
+    table = datasets.Dataset.from_dict(
+        {"image": [image] * 4, "target": [0, 1, 0, 1]},
+        features=datasets.Features({"image": datasets.Image(), "target": datasets.Value("int64")}),
+    )
+    datasets.DatasetDict({"train": table}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataError, match=r"no label column 'label'; available columns: \['image', 'target'\]"):
+        load_image_classification_data(dataset_name=str(tmp_path / "saved"), label_column_name="label")
+    # Without a ClassLabel column or a conventional name, the error asks for the column.
+    with pytest.raises(DataError, match=r"which column holds the labels; available columns: \['image', 'target'\]"):
+        load_image_classification_data(dataset_name=str(tmp_path / "saved"))
+    # Named correctly, plain integer labels work.
+    data = load_image_classification_data(
+        dataset_name=str(tmp_path / "saved"), label_column_name="target", train_val_split=0.5
+    )
+    assert data.labels == ["0", "1"]
+
+
+def test_empty_or_missing_folder_is_named(tmp_path):
+    (tmp_path / "empty" / "some_class").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"train_dir '.*empty' holds no image files"):
+        load_image_classification_data(train_dir=str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"validation_dir '.*nowhere' is not a folder"):
+        load_image_classification_data(
+            train_dir=str(_image_folder(tmp_path / "train")), validation_dir=str(tmp_path / "nowhere")
+        )
+
+
+def test_unknown_dataset_is_named():
+    with pytest.raises(DataError, match="Cannot load dataset 'no-such-org/no-such-dataset'"):
+        load_image_classification_data(dataset_name="no-such-org/no-such-dataset")
+
+
+def test_failures_after_training_keep_the_trained_weights(tmp_path):
+    train_dir = _image_folder(tmp_path / "train", per_class=8)
+    validation_dir = _image_folder(tmp_path / "validation", per_class=2)
+    _write_truncated_jpeg(validation_dir / "circle" / "truncated.jpg")
+    common = [
+        sys.executable, str(SCRIPTS / "train.py"),
+        "--train_dir", str(train_dir), "--validation_dir", str(validation_dir),
+        "--config_overrides", json.dumps(TOY_CONFIG), "--image_size", "32",
+        "--per_device_train_batch_size", "4", "--num_workers", "0",
+    ]  # fmt: skip
+
+    # The evaluation after epoch 0 of 2 fails: the weights trained so far are kept.
+    interrupted = _run([*common, "--num_train_epochs", "2", "--output_dir", str(tmp_path / "a")], expect_success=False)
+    assert interrupted.returncode != 0
+    assert "truncated.jpg" in interrupted.stderr
+    kept = PvtForImageClassification.from_pretrained(tmp_path / "a" / "interrupted_model")
+    assert kept.config.num_labels == 2
+    assert (tmp_path / "a" / "interrupted_model" / "preprocessor_config.json").is_file()
+
+    # The final evaluation fails: the model was saved before it.
+    final = _run([*common, "--num_train_epochs", "1", "--output_dir", str(tmp_path / "b")], expect_success=False)
+    assert final.returncode != 0
+    assert "truncated.jpg" in final.stderr and "the trained model is saved" in final.stderr
+    assert PvtForImageClassification.from_pretrained(tmp_path / "b").config.num_labels == 2
