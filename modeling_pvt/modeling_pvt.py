@@ -4,6 +4,11 @@ State-dict keys and config fields are those of transformers' built-in `pvt` mode
 between the two. Differences from the built-in port: the numerics of the original code (LayerNorm epsilons), any
 input size (position embeddings are resized), attention through transformers' attention interface (SDPA by default),
 fewer layout copies, a `PvtBackbone` for dense prediction and gradient checkpointing.
+
+On CPU the layers run a cache-sized block of tokens at a time (`PvtLayer.forward_in_chunks` for inference,
+`TokenChunkedMLP` for training): the same products in the same order per token, so the results match the
+straightforward code to rounding, while the wide MLP activations stay in cache and out of the page allocator.
+`PvtPreTrainedModel.set_token_chunk_bytes(None)` switches it off.
 """
 
 import math
@@ -204,12 +209,14 @@ class PvtAttention(nn.Module):
 
 
 class TokenChunkedMLP(torch.autograd.Function):
-    """`activation(x @ W1^T + b1) @ W2^T + b2` on `(tokens, channels)` rows, a block of rows at a time.
+    """`activation(x @ W1^T + b1) @ W2^T + b2` on `(tokens, channels)` rows, a block of rows at a time, for training.
 
-    The plain MLP writes two activations 4-8x wider than the tokens to main memory (before and after the activation)
-    and keeps both for the backward pass. This one keeps only the pre-activation, recomputes the (elementwise)
-    activation block by block in the backward pass, and runs every wide elementwise step on a block that is still in
-    cache. The matrix products are the same ones; the weight gradients are accumulated block by block.
+    The plain MLP computes its 4-8x wider activations, and in the backward pass their gradients, as whole-batch
+    tensors that go through main memory between every step (and, above 32 MiB, through freshly mapped pages with
+    glibc's default allocator). This one runs each wide step on a block of rows that is still in cache: in the
+    forward pass the bias, activation and second product follow the first product block by block; in the backward
+    pass the wide gradients exist only one block at a time and the weight gradients are accumulated block by block.
+    It saves what the plain MLP saves (input, pre-activation, activation), and does the same matrix products.
     """
 
     @staticmethod
@@ -230,7 +237,7 @@ class TokenChunkedMLP(torch.autograd.Function):
         for start in range(0, num_rows, rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             _linear_into(pre_activation[rows], hidden[rows], weight1, bias1)
-            activated[rows] = activation(pre_activation[rows])
+            _activation_into(activation, pre_activation[rows], activated[rows])
             _linear_into(output[rows], activated[rows], weight2, bias2)
         ctx.save_for_backward(hidden, pre_activation, activated, weight1, weight2)
         ctx.activation, ctx.rows_per_chunk = activation, rows_per_chunk
@@ -268,11 +275,25 @@ def _activation_backward(
 ) -> torch.Tensor:
     """Gradient through an elementwise `activation` at `pre_activation`: PyTorch's GELU derivative kernel for the
     exact GELU (PVT's), autograd on the recomputed activation for any other."""
-    if isinstance(activation, GELUActivation) and activation.act is F.gelu:
+    if _is_exact_gelu(activation):
         return torch.ops.aten.gelu_backward(grad, pre_activation)
     with torch.enable_grad():
         leaf = pre_activation.detach().requires_grad_()
         return torch.autograd.grad(activation(leaf), leaf, grad)[0]
+
+
+def _is_exact_gelu(activation: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    return isinstance(activation, GELUActivation) and activation.act is F.gelu
+
+
+def _activation_into(
+    activation: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor, output: torch.Tensor
+) -> None:
+    """`output = activation(source)` without a temporary for the exact GELU; `output` may be `source`."""
+    if _is_exact_gelu(activation):
+        torch.ops.aten.gelu.out(source, out=output)
+    else:
+        output.copy_(activation(source))
 
 
 def _linear_into(output: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -298,14 +319,16 @@ class PvtFFN(nn.Module):
         bytes_per_row = self.dense1.out_features * self.dense1.weight.element_size()
         return max(1, self.token_chunk_bytes // bytes_per_row)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        use_chunks = (
-            self.token_chunk_bytes
-            and torch.is_grad_enabled()
-            and not (self.training and self.dropout.p > 0)
-            and not torch.compiler.is_compiling()
+    def chunks_tokens(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the chunked code paths apply: chunking on, a CPU tensor (a GPU's cache is not the point there),
+        and eager execution (under torch.compile the straightforward code lets the compiler fuse what it likes)."""
+        return (
+            bool(self.token_chunk_bytes) and hidden_states.device.type == "cpu" and not torch.compiler.is_compiling()
         )
-        if use_chunks:
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # With autograd recording; without it, `PvtLayer.forward_in_chunks` handles the whole layer in eval mode.
+        if self.chunks_tokens(hidden_states) and torch.is_grad_enabled() and not (self.training and self.dropout.p):
             rows = hidden_states.reshape(-1, hidden_states.shape[-1])
             output = TokenChunkedMLP.apply(
                 rows,
@@ -360,17 +383,15 @@ class PvtLayer(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.mlp.token_chunk_bytes and not output_attentions and self._is_plain_inference():
+        # Eval mode (dropout and drop-path are identities) and no autograd graph to record: one block at a time.
+        if not (self.training or torch.is_grad_enabled() or output_attentions) and self.mlp.chunks_tokens(
+            hidden_states
+        ):
             return self.forward_in_chunks(hidden_states, height, width), None
         attended, attention_maps = self.attention(self.layer_norm_1(hidden_states), height, width, output_attentions)
         hidden_states = hidden_states + self.drop_path(attended)
         hidden_states = hidden_states + self.drop_path(self.mlp(self.layer_norm_2(hidden_states)))
         return hidden_states, attention_maps
-
-    def _is_plain_inference(self) -> bool:
-        # Eval mode (dropout and drop-path are identities), no autograd graph to record, and eager execution: under
-        # torch.compile the straightforward code lets the compiler fuse what it likes.
-        return not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def token_chunks(self, batch_size: int, num_tokens: int) -> list[tuple[slice, slice]]:
         """`(images, tokens)` slices covering the batch, each a contiguous block whose MLP activation is about
@@ -407,7 +428,11 @@ class PvtLayer(GradientCheckpointingLayer):
         output = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
         hidden_size = hidden_states.shape[-1]
         projection, dense1, dense2 = self.attention.output.dense, self.mlp.dense1, self.mlp.dense2
-        for images, tokens in self.token_chunks(*hidden_states.shape[:2]):
+        chunks = self.token_chunks(*hidden_states.shape[:2])
+        # One buffer for the wide MLP activation of every block, so that it stays where the cache has it.
+        max_rows = max(output[images, tokens, 0].numel() for images, tokens in chunks)
+        expanded_buffer = hidden_states.new_empty(max_rows, dense1.out_features)
+        for images, tokens in chunks:
             residual = hidden_states[images, tokens]
             block = output[images, tokens]
             attended, _ = self_attention.attend(normalized[images, tokens], key[images], value[images])
@@ -418,10 +443,12 @@ class PvtLayer(GradientCheckpointingLayer):
                 block.copy_(residual)
             flat_block = block.view(-1, hidden_size)
             flat_block.addmm_(attended.reshape(-1, hidden_size), projection.weight.t())
-            expanded = self.mlp.intermediate_act_fn(dense1(self.layer_norm_2(block)))
+            expanded = expanded_buffer[: flat_block.shape[0]]
+            _linear_into(expanded, self.layer_norm_2(flat_block), dense1.weight, dense1.bias)
+            _activation_into(self.mlp.intermediate_act_fn, expanded, expanded)
             if dense2.bias is not None:
                 flat_block.add_(dense2.bias)
-            flat_block.addmm_(expanded.view(-1, expanded.shape[-1]), dense2.weight.t())
+            flat_block.addmm_(expanded, dense2.weight.t())
         return output
 
 
