@@ -24,6 +24,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 import transformers
 from torchvision import transforms
 from transformers import (
@@ -116,6 +117,10 @@ class DataArguments:
     horizontal_flip: bool | None = field(
         default=None, metadata={"help": "Random horizontal flips in training (default: on, off for digits)."}
     )
+    min_crop_scale: float | None = field(
+        default=None,
+        metadata={"help": "Smallest area fraction of the random resized crop (default 0.08; 0.6 for digits)."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
 
@@ -132,6 +137,10 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
     probe, *_ = HfArgumentParser(DataArguments).parse_known_args(argv)
     if probe.dataset_name is None and probe.train_dir is None and probe.validation_dir is None:
         argv = DIGITS_TRAINING_DEFAULTS + argv  # later occurrences win, so the user's arguments override these
+    if not torch.accelerator.is_available():
+        # Without `use_cpu`, processes started by `accelerate launch --multi_gpu` on a CPU host would each train
+        # alone instead of joining one gloo group.
+        argv = ["--use_cpu", "True"] + argv
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -169,7 +178,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
     return model, image_processor
 
 
-def train_transform_from_processor(image_processor, horizontal_flip: bool):
+def train_transform_from_processor(image_processor, horizontal_flip: bool, min_crop_scale: float):
     """`run_image_classification.py`'s training transform at the processor's input size and normalisation."""
     size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
     size = dict(size)
@@ -180,7 +189,7 @@ def train_transform_from_processor(image_processor, horizontal_flip: bool):
     interpolation = transforms.InterpolationMode.BICUBIC
     if getattr(image_processor, "resample", None) == PILImageResampling.BILINEAR:
         interpolation = transforms.InterpolationMode.BILINEAR
-    steps = [transforms.RandomResizedCrop(output_size, interpolation=interpolation)]
+    steps = [transforms.RandomResizedCrop(output_size, scale=(min_crop_scale, 1.0), interpolation=interpolation)]
     if horizontal_flip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(image_processor.image_mean, image_processor.image_std)]
@@ -234,11 +243,14 @@ def main(argv: list[str] | None = None) -> dict:
     horizontal_flip = data_args.horizontal_flip
     if horizontal_flip is None:
         horizontal_flip = not data_args.uses_embedded_dataset  # a mirrored digit is not the same digit
+    min_crop_scale = data_args.min_crop_scale
+    if min_crop_scale is None:
+        min_crop_scale = 0.6 if data_args.uses_embedded_dataset else 0.08  # an 8x8 digit survives only mild crops
     train_dataset = ImageClassificationDataset(
         data.train,
         data.image_column,
         data.label_column,
-        train_transform_from_processor(image_processor, horizontal_flip),
+        train_transform_from_processor(image_processor, horizontal_flip, min_crop_scale),
         split="train",
     )
     eval_dataset = ImageClassificationDataset(

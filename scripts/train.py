@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, gather_object, set_seed
@@ -380,7 +382,37 @@ def evaluate_model(accelerator: Accelerator, model: torch.nn.Module, dataloader,
 def write_model_card(output_dir: Path, args: argparse.Namespace, data: ImageClassificationData, results: dict):
     dataset = "scikit-learn digits (8x8 greyscale scans, upsampled)" if args.uses_embedded_dataset else data.name
     source = f"fine-tuned from `{args.model_name_or_path}`" if args.model_name_or_path else "trained from scratch"
-    command = " ".join(["accelerate launch", "scripts/train.py", *sys.argv[1:]])
+    arguments = " ".join(shlex.quote(argument) for argument in sys.argv[1:]) or "(none: the embedded default)"
+    repo_name = args.hub_model_id or output_dir.resolve().name
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-classification",
+        "tags": ["pvt", "image-classification", "vision"],
+        "metrics": ["accuracy"],
+        "model-index": [
+            {
+                "name": repo_name,
+                "results": [
+                    {
+                        "task": {"type": "image-classification", "name": "Image Classification"},
+                        "dataset": {"name": dataset, "type": results["dataset"], "split": data.validation_split_name},
+                        "metrics": [
+                            {
+                                "type": "accuracy",
+                                "name": "Top-1 accuracy",
+                                "value": round(results["eval_accuracy"], 4),
+                            },
+                            {
+                                "type": "accuracy",
+                                "name": "Top-5 accuracy",
+                                "value": round(results["eval_top5_accuracy"], 4),
+                            },
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
     recipe_rows = "\n".join(
         f"| {name} | {getattr(args, name)} |"
         for name in (
@@ -404,14 +436,7 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, data: ImageClas
         )
     )
     card = f"""---
-library_name: transformers
-pipeline_tag: image-classification
-tags:
-- pvt
-- image-classification
-- vision
-metrics:
-- accuracy
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
 ---
 
 # PVT ({args.model_size if not args.model_name_or_path else "pretrained"}) on {dataset}
@@ -430,8 +455,9 @@ of {dataset} ({results["eval_samples"]} images, each counted once):
 | top-5 accuracy | {results["eval_top5_accuracy"]:.4f} |
 | evaluation loss | {results["eval_loss"]:.4f} |
 
-Training took {results["train_runtime"]:.1f} s on {results["num_processes"]} process(es) ({results["device"]}),
-{results["completed_steps"]} optimizer steps over {results["epoch"]} epoch(s).
+Training took {results["train_runtime"]:.1f} s on {results["num_processes"]} process(es) ({results["device"]},
+mixed precision: {results["mixed_precision"]}), {results["completed_steps"]} optimizer steps over
+{results["epoch"]} epoch(s).
 
 ## Use
 
@@ -439,8 +465,8 @@ Training took {results["train_runtime"]:.1f} s on {results["num_processes"]} pro
 import modeling_pvt  # registers the PVT classes with the Auto API
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-processor = AutoImageProcessor.from_pretrained("{args.hub_model_id or output_dir.name}")
-model = AutoModelForImageClassification.from_pretrained("{args.hub_model_id or output_dir.name}")
+processor = AutoImageProcessor.from_pretrained("{repo_name}")
+model = AutoModelForImageClassification.from_pretrained("{repo_name}")
 ```
 
 ## Training
@@ -453,7 +479,7 @@ class tokens.
 |---|---|
 {recipe_rows}
 
-Command: `{command}`
+Arguments of `scripts/train.py`: `{arguments}`
 """
     (output_dir / "README.md").write_text(card)
 

@@ -75,7 +75,9 @@ def _free_port() -> int:
 
 
 def _environment(hub: HubServer | None = None, hf_home: Path | None = None) -> dict[str, str]:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    # One thread per process: on a busy 2-core host, a second OpenMP thread that waits for a core slows every
+    # operation many times over (`accelerate launch` sets this for its workers anyway).
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if hub is not None:  # the in-process test Hub instead of huggingface.co; it speaks LFS, not Xet
         environment.update(
             HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=HUB_TOKEN, HF_HOME=str(hf_home)
