@@ -129,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Up-front check of every image; unreadable ones are skipped with a warning. 'decode' also catches "
         "truncated files, at the cost of decoding everything once.",
     )
+    data.add_argument(
+        "--preprocessing_num_workers", type=int, help="Processes for the up-front image check (cached by datasets)."
+    )
     data.add_argument("--max_train_samples", type=int, help="Use only the first N training samples.")
     data.add_argument("--max_eval_samples", type=int, help="Use only the first N validation samples.")
     data.add_argument("--num_workers", type=int, help="Data-loader worker processes per training process [recipe].")
@@ -538,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
             label_column_name=args.label_column_name,
             cache_dir=args.cache_dir,
             check_images=args.image_check,
+            num_proc=args.preprocessing_num_workers,
         )
     if args.max_train_samples is not None:
         data.train = data.train.select(range(min(args.max_train_samples, len(data.train))))
@@ -654,6 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
         desc="Training",
         disable=not accelerator.is_local_main_process,
     )
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     train_loss = float("nan")  # stays NaN when resuming from the very last checkpoint
     train_start = time.perf_counter()
     epoch = starting_epoch
@@ -715,7 +720,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
     except BaseException:
         progress.close()
-        if completed_steps > 0:
+        if completed_steps > 0 and not sharded:  # a sharded model cannot be saved by one rank alone
             saved = save_interrupted_model(accelerator.unwrap_model(model), image_processor, output_dir)
             logger.error(
                 f"Training failed at epoch {epoch}, step {completed_steps}; the weights trained so far are in "
@@ -738,7 +743,6 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)
     # Every rank must end with the same weights; sharded models (FSDP, DeepSpeed) hold different shards by design.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     digests = [] if sharded else gather_object([weights_digest(unwrapped)])
     if len(set(digests)) > 1:
         logger.warning(f"The ranks ended with different weights: {digests}")
