@@ -112,18 +112,21 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path, **hub_kwargs)
     image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, **hub_kwargs)
     with accelerator.main_process_first():
-        data = load_image_classification_data(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_dir=args.train_dir,
-            validation_dir=args.validation_dir,
-            train_val_split=args.train_val_split,
-            image_column_name=args.image_column_name,
-            label_column_name=args.label_column_name,
-            cache_dir=args.cache_dir,
-            check_images=args.image_check,
-            validation_split_name=args.split,
-        )
+        try:
+            data = load_image_classification_data(
+                dataset_name=args.dataset_name,
+                dataset_config_name=args.dataset_config_name,
+                train_dir=args.train_dir,
+                validation_dir=args.validation_dir,
+                train_val_split=args.train_val_split,
+                image_column_name=args.image_column_name,
+                label_column_name=args.label_column_name,
+                cache_dir=args.cache_dir,
+                check_images=args.image_check,
+                validation_split_name=args.split,
+            )
+        except DataError as error:  # a message for the user, not a traceback
+            raise SystemExit(f"Data error: {error}") from error
     evaluation = data.validation
     if args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))

@@ -40,6 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor
 from modeling_pvt.data import (
     DIGITS_DATASET_NAME,
+    DataError,
     ImageClassificationData,
     ImageClassificationDataset,
     build_processor_transform,
@@ -223,17 +224,20 @@ def main(argv: list[str] | None = None) -> dict:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}.")
 
     with training_args.main_process_first(desc="loading the dataset"):
-        data = load_image_classification_data(
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            train_dir=data_args.train_dir,
-            validation_dir=data_args.validation_dir,
-            train_val_split=data_args.train_val_split,
-            image_column_name=data_args.image_column_name,
-            label_column_name=data_args.label_column_name,
-            cache_dir=model_args.cache_dir,
-            check_images=data_args.image_check,
-        )
+        try:
+            data = load_image_classification_data(
+                dataset_name=data_args.dataset_name,
+                dataset_config_name=data_args.dataset_config_name,
+                train_dir=data_args.train_dir,
+                validation_dir=data_args.validation_dir,
+                train_val_split=data_args.train_val_split,
+                image_column_name=data_args.image_column_name,
+                label_column_name=data_args.label_column_name,
+                cache_dir=model_args.cache_dir,
+                check_images=data_args.image_check,
+            )
+        except DataError as error:  # a message for the user, not a traceback
+            raise SystemExit(f"Data error: {error}") from error
     if data_args.max_train_samples is not None:
         data.train = data.train.select(range(min(data_args.max_train_samples, len(data.train))))
     if data_args.max_eval_samples is not None:

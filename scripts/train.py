@@ -43,6 +43,7 @@ from transformers import get_scheduler
 from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor
 from modeling_pvt.data import (
     DIGITS_DATASET_NAME,
+    DataError,
     EpochShuffleSampler,
     ImageClassificationData,
     ImageClassificationDataset,
@@ -531,18 +532,21 @@ def main(argv: list[str] | None = None) -> dict:
     # Same weights on every rank from the start; then per-rank seeds, so Mixup and stochastic depth differ by rank.
     set_seed(args.seed)
     with accelerator.main_process_first():
-        data = load_image_classification_data(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_dir=args.train_dir,
-            validation_dir=args.validation_dir,
-            train_val_split=args.train_val_split,
-            image_column_name=args.image_column_name,
-            label_column_name=args.label_column_name,
-            cache_dir=args.cache_dir,
-            check_images=args.image_check,
-            num_proc=args.preprocessing_num_workers,
-        )
+        try:
+            data = load_image_classification_data(
+                dataset_name=args.dataset_name,
+                dataset_config_name=args.dataset_config_name,
+                train_dir=args.train_dir,
+                validation_dir=args.validation_dir,
+                train_val_split=args.train_val_split,
+                image_column_name=args.image_column_name,
+                label_column_name=args.label_column_name,
+                cache_dir=args.cache_dir,
+                check_images=args.image_check,
+                num_proc=args.preprocessing_num_workers,
+            )
+        except DataError as error:  # a message for the user, not a traceback
+            raise SystemExit(f"Data error: {error}") from error
     if args.max_train_samples is not None:
         data.train = data.train.select(range(min(args.max_train_samples, len(data.train))))
     if args.max_eval_samples is not None:
