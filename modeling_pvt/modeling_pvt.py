@@ -216,7 +216,9 @@ class TokenChunkedMLP(torch.autograd.Function):
     glibc's default allocator). This one runs each wide step on a block of rows that is still in cache: in the
     forward pass the bias, activation and second product follow the first product block by block; in the backward
     pass the wide gradients exist only one block at a time and the weight gradients are accumulated block by block.
-    It saves what the plain MLP saves (input, pre-activation, activation), and does the same matrix products.
+    It keeps the input and the pre-activation for the backward pass, not the activation: recomputing that on a block
+    in cache costs less than writing and reading it back, and saves a wide tensor per layer. The matrix products are
+    the plain MLP's.
     """
 
     @staticmethod
@@ -232,14 +234,15 @@ class TokenChunkedMLP(torch.autograd.Function):
     ) -> torch.Tensor:
         num_rows = hidden.shape[0]
         pre_activation = hidden.new_empty(num_rows, weight1.shape[0])
-        activated = torch.empty_like(pre_activation)
+        activated = hidden.new_empty(min(rows_per_chunk, num_rows), weight1.shape[0])
         output = hidden.new_empty(num_rows, weight2.shape[0])
         for start in range(0, num_rows, rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             _linear_into(pre_activation[rows], hidden[rows], weight1, bias1)
-            _activation_into(activation, pre_activation[rows], activated[rows])
-            _linear_into(output[rows], activated[rows], weight2, bias2)
-        ctx.save_for_backward(hidden, pre_activation, activated, weight1, weight2)
+            block = activated[: pre_activation[rows].shape[0]]
+            _activation_into(activation, pre_activation[rows], block)
+            _linear_into(output[rows], block, weight2, bias2)
+        ctx.save_for_backward(hidden, pre_activation, weight1, weight2)
         ctx.activation, ctx.rows_per_chunk = activation, rows_per_chunk
         ctx.has_bias = (bias1 is not None, bias2 is not None)
         return output
@@ -247,7 +250,7 @@ class TokenChunkedMLP(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, pre_activation, activated, weight1, weight2 = ctx.saved_tensors
+        hidden, pre_activation, weight1, weight2 = ctx.saved_tensors
         needs_hidden, needs_weight1, needs_bias1, needs_weight2, needs_bias2 = ctx.needs_input_grad[:5]
         grad_output = grad_output.contiguous()
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
@@ -255,10 +258,13 @@ class TokenChunkedMLP(torch.autograd.Function):
         grad_weight2 = torch.zeros_like(weight2) if needs_weight2 else None
         grad_bias1 = weight1.new_zeros(weight1.shape[0]) if needs_bias1 and ctx.has_bias[0] else None
         grad_bias2 = grad_output.sum(0) if needs_bias2 and ctx.has_bias[1] else None
+        activated = pre_activation.new_empty(min(ctx.rows_per_chunk, pre_activation.shape[0]), pre_activation.shape[1])
         for start in range(0, hidden.shape[0], ctx.rows_per_chunk):
             rows = slice(start, start + ctx.rows_per_chunk)
             if grad_weight2 is not None:
-                grad_weight2.addmm_(grad_output[rows].t(), activated[rows])
+                block = activated[: pre_activation[rows].shape[0]]
+                _activation_into(ctx.activation, pre_activation[rows], block)  # cheaper to redo than to keep
+                grad_weight2.addmm_(grad_output[rows].t(), block)
             grad_activated = grad_output[rows] @ weight2
             grad_pre_activation = _activation_backward(ctx.activation, grad_activated, pre_activation[rows])
             if grad_weight1 is not None:

@@ -88,6 +88,8 @@ class Plan:
     process_rounds: int
     min_measure_s: float
     gemm_size: int
+    # Rounds during which other processes kept more than this fraction of the CPUs busy are repeated.
+    max_foreign_load: float = 0.05
 
     @classmethod
     def build(cls, smoke: bool, device: str, rounds: int | None, process_rounds: int | None) -> Plan:
@@ -106,6 +108,7 @@ class Plan:
                 process_rounds=process_rounds or 1,
                 min_measure_s=0.0,
                 gemm_size=256,
+                max_foreign_load=1.0,  # the smoke run checks the machinery; its numbers mean nothing anyway
             )
         return cls(
             presets=("tiny", "small"),
@@ -188,26 +191,80 @@ def calibrate_repeats(function: Callable[[], object], device: str, min_measure_s
     return max(1, round(min_measure_s / max(elapsed, 1e-6))) if elapsed < min_measure_s else 1
 
 
-def time_interleaved(
-    functions: dict[str, Callable[[], object]], plan: Plan, device: str, desc: str
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, one measurement per round; the order rotates every round."""
+def _machine_busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat; 0 where it does not exist)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+@dataclass
+class Timing:
+    """Per-round seconds per call of each function (undisturbed rounds only, unless there were none) and how the
+    rounds went: other processes' CPU use while each round ran, as a fraction of all the machine's CPUs."""
+
+    times: dict[str, list[float]]
+    rounds_run: int
+    rounds_kept: int
+    foreign_load: list[float]
+
+    def summary(self) -> dict:
+        return {
+            "rounds_run": self.rounds_run,
+            "rounds_kept": self.rounds_kept,
+            "foreign_load_per_round": [round(load, 3) for load in self.foreign_load],
+            "times_s": self.times,
+        }
+
+
+def time_interleaved(functions: dict[str, Callable[[], object]], plan: Plan, device: str, desc: str) -> Timing:
+    """Seconds per call of each function, one measurement per round; the order rotates every round.
+
+    On a shared machine another process's burst slows whichever model runs at that moment (with several OpenMP
+    threads, many times over). A round during which other processes used more than `plan.max_foreign_load` of the
+    machine's CPUs is run again (up to three times the planned number of rounds); the medians use the undisturbed
+    rounds, or every round if there were none (the record says which).
+    """
     for function in functions.values():
         for _ in range(plan.warmup):
             function()
     repeats = {name: calibrate_repeats(function, device, plan.min_measure_s) for name, function in functions.items()}
     names = list(functions)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in tqdm(range(plan.rounds), desc=desc, leave=False):
+    all_times: list[dict[str, float]] = []
+    foreign_loads: list[float] = []
+    kept: list[int] = []
+    progress = tqdm(total=plan.rounds, desc=desc, leave=False)
+    while len(kept) < plan.rounds and len(all_times) < 3 * plan.rounds:
+        round_index = len(all_times)
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        round_times = {}
+        machine_before, own_before, wall_before = _machine_busy_seconds(), _own_busy_seconds(), time.perf_counter()
         for name in order:
             synchronize(device)
             start = time.perf_counter()
             for _ in range(repeats[name]):
                 functions[name]()
             synchronize(device)
-            times[name].append((time.perf_counter() - start) / repeats[name])
-    return times
+            round_times[name] = (time.perf_counter() - start) / repeats[name]
+        wall = time.perf_counter() - wall_before
+        foreign = (_machine_busy_seconds() - machine_before) - (_own_busy_seconds() - own_before)
+        foreign_loads.append(max(0.0, foreign) / (wall * (os.cpu_count() or 1)))
+        all_times.append(round_times)
+        if foreign_loads[-1] <= plan.max_foreign_load:
+            kept.append(round_index)
+            progress.update()
+    progress.close()
+    used = kept or list(range(len(all_times)))
+    times = {name: [all_times[index][name] for index in used] for name in names}
+    return Timing(times=times, rounds_run=len(all_times), rounds_kept=len(kept), foreign_load=foreign_loads)
 
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:
@@ -238,12 +295,13 @@ def run_eval_row(preset: str, batch: int, plan: Plan, device: str, dtype: torch.
     ours, stock = (model.to(device=device, dtype=dtype) for model in (ours, stock))
     pixel_values = pixel_values.to(device=device, dtype=dtype)
     gemm, gemm_flops = gemm_function(plan.gemm_size, device, dtype)
-    times = time_interleaved(
+    timing = time_interleaved(
         {"stock": eval_function(stock, pixel_values), "ours": eval_function(ours, pixel_values), "gemm": gemm},
         plan,
         device,
         f"eval {preset} b{batch}",
     )
+    times = timing.times
     gemm_rate = gemm_flops / statistics.median(times["gemm"])
     flops_per_image = 2.0 * count_multiply_adds(our_config(preset, plan.image_size), plan.image_size)
     row = {
@@ -256,7 +314,7 @@ def run_eval_row(preset: str, batch: int, plan: Plan, device: str, dtype: torch.
         "gemm_flops_per_s": gemm_rate,
         "stock_mfu": flops_per_image * batch / statistics.median(times["stock"]) / gemm_rate,
         "ours_mfu": flops_per_image * batch / statistics.median(times["ours"]) / gemm_rate,
-        "times_s": times,
+        "timing": timing.summary(),
     }
     return row, parity
 
@@ -267,19 +325,20 @@ def run_detection_row(plan: Plan, device: str, dtype: torch.dtype) -> tuple[dict
     parity = check_parity("detection size", logits_difference(ours.eval(), stock.eval(), pixel_values))
     ours, stock = (model.to(device=device, dtype=dtype) for model in (ours, stock))
     pixel_values = pixel_values.to(device=device, dtype=dtype)
-    times = time_interleaved(
+    timing = time_interleaved(
         {"stock": eval_function(stock, pixel_values), "ours": eval_function(ours, pixel_values)},
         plan,
         device,
         "detection size",
     )
+    times = timing.times
     height, width = plan.detection_size
     row = {
         "case": f"eval {plan.detection_preset} {height}x{width} batch 1",
         "stock_latency_s": statistics.median(times["stock"]),
         "ours_latency_s": statistics.median(times["ours"]),
         "speedup": median_ratio(times["stock"], times["ours"]),
-        "times_s": times,
+        "timing": timing.summary(),
     }
     return row, parity
 
@@ -309,13 +368,14 @@ def run_training_row(plan: Plan, device: str, dtype: torch.dtype) -> tuple[dict,
         abs(first_losses["ours"] - first_losses["stock"]),
         PARITY_TOLERANCE if dtype == torch.float32 else 5e-2,
     )
-    times = time_interleaved(steps, plan, device, "training step")
+    timing = time_interleaved(steps, plan, device, "training step")
+    times = timing.times
     row = {
         "case": f"training step {preset} {plan.image_size}x{plan.image_size} batch {plan.train_batch}",
         "stock_step_s": statistics.median(times["stock"]),
         "ours_step_s": statistics.median(times["ours"]),
         "speedup": median_ratio(times["stock"], times["ours"]),
-        "times_s": times,
+        "timing": timing.summary(),
     }
     return row, parity
 
@@ -334,7 +394,7 @@ def run_compile_row(plan: Plan, device: str, dtype: torch.dtype) -> dict:
         synchronize(device)
         compile_seconds[name] = time.perf_counter() - start
     difference = logits_difference(compiled["ours"], ours, pixel_values)
-    times = time_interleaved(
+    timing = time_interleaved(
         {
             "stock eager": eval_function(stock, pixel_values),
             "stock compiled": eval_function(compiled["stock"], pixel_values),
@@ -345,6 +405,7 @@ def run_compile_row(plan: Plan, device: str, dtype: torch.dtype) -> dict:
         device,
         "torch.compile",
     )
+    times = timing.times
     return {
         "case": f"eval {preset} {plan.image_size}x{plan.image_size} batch {batch}, torch.compile",
         "compile_seconds": compile_seconds,
@@ -352,7 +413,7 @@ def run_compile_row(plan: Plan, device: str, dtype: torch.dtype) -> dict:
         "images_per_s": {name: batch / statistics.median(values) for name, values in times.items()},
         "ours_compiled_vs_stock_compiled": median_ratio(times["stock compiled"], times["ours compiled"]),
         "ours_compiled_vs_stock_eager": median_ratio(times["stock eager"], times["ours compiled"]),
-        "times_s": times,
+        "timing": timing.summary(),
     }
 
 
@@ -417,8 +478,10 @@ def child_throughput(spec: dict) -> dict:
     model = build_one(spec["model"], spec["preset"], plan.image_size).eval()
     pixel_values = torch.randn(spec["batch"], 3, plan.image_size, plan.image_size)
     gemm, gemm_flops = gemm_function(plan.gemm_size, "cpu", torch.float32)
-    times = time_interleaved({"model": eval_function(model, pixel_values), "gemm": gemm}, plan, "cpu", "child")
+    timing = time_interleaved({"model": eval_function(model, pixel_values), "gemm": gemm}, plan, "cpu", "child")
+    times = timing.times
     return {
+        "timing": {key: value for key, value in timing.summary().items() if key != "times_s"},
         "images_per_s": spec["batch"] / statistics.median(times["model"]),
         "gemm_flops_per_s": gemm_flops / statistics.median(times["gemm"]),
         "allocator": allocator_settings(),
@@ -575,11 +638,15 @@ def evaluate_targets(results: dict) -> list[dict]:
 
 def markdown_table(results: dict) -> str:
     machine = results["machine"]
+    timings = [row["timing"] for row in [*results["eval"], results["detection"], results["training"]]]
+    kept, run = sum(timing["rounds_kept"] for timing in timings), sum(timing["rounds_run"] for timing in timings)
     lines = [
         f"Measured {results['finished']} on {machine['cpu']} ({machine['logical_cpus']} logical CPUs, "
         f"{machine['torch_threads']} threads), torch {machine['torch']}, transformers {machine['transformers']}, "
         f"fp32{' / bf16' if machine['device'] == 'cuda' else ''}; load average {results['load_average']['start']} "
-        f"at start, {results['load_average']['end']} at end. Speed-up = median of per-round ratios.",
+        f"at start, {results['load_average']['end']} at end. Speed-up = median of per-round ratios; "
+        f"{kept} of {run} timed rounds kept (rounds during which other processes used more than "
+        f"{results['plan']['max_foreign_load']:.0%} of the CPUs were repeated).",
         "",
         "| Case | stock transformers | modeling_pvt | speed-up |",
         "|---|---:|---:|---:|",
