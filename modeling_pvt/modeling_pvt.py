@@ -43,8 +43,9 @@ HUB_AUTO_MAP = {
 }
 
 
-# A block of tokens whose MLP activation is this large stays in the CPU's cache between the two MLP products.
-DEFAULT_TOKEN_CHUNK_BYTES = 4 * 2**20
+# A block of tokens whose MLP activation is this large stays in the CPU's last-level cache between the two MLP
+# products; measured fastest on 2 cores of an AMD EPYC (4 and 16 MiB were within 2-5%, 1 MiB 20% slower).
+DEFAULT_TOKEN_CHUNK_BYTES = 8 * 2**20
 
 
 def tokens_to_feature_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:

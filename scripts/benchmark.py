@@ -453,20 +453,29 @@ def reset_peak_resident_memory() -> bool:
 
 
 def child_memory(spec: dict) -> dict:
-    """Peak memory of one forward pass above the process's resting state, in this fresh process."""
+    """Resident memory of this fresh process around one forward pass.
+
+    Where Linux lets us restart the high-water mark (VmHWM) after the model is built, the peak above that resting
+    state is measured directly. Elsewhere the process reports its lifetime peak (`ru_maxrss`) and the parent
+    subtracts the peak of a twin process that builds the same model and skips the forward pass.
+    """
     model = build_one(spec["model"], spec["preset"], tuple(spec["image_size"])).eval()
     pixel_values = torch.randn(1, 3, *spec["image_size"])
     if platform.libc_ver()[0] == "glibc":
         # give the model build's freed scratch memory back, so that the baseline is what is alive
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    if not reset_peak_resident_memory():
-        raise SystemExit("cannot reset VmHWM (/proc/self/clear_refs)")
-    before = read_status_kib("VmHWM")
+    can_reset = reset_peak_resident_memory()
+    before = read_status_kib("VmHWM") if can_reset else 0
     if spec["forward"]:
         with torch.inference_mode():
             model(pixel_values)
-    peak = read_status_kib("VmHWM")
-    return {"peak_above_resting_mib": (peak - before) / 1024, "resting_mib": before / 1024}
+    if can_reset:
+        peak = read_status_kib("VmHWM")
+        return {"method": "VmHWM", "peak_above_resting_mib": (peak - before) / 1024, "resting_mib": before / 1024}
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"method": "ru_maxrss", "max_rss_mib": maxrss / (2**20 if sys.platform == "darwin" else 1024)}
 
 
 def child_throughput(spec: dict) -> dict:
@@ -489,24 +498,34 @@ def child_throughput(spec: dict) -> dict:
 
 
 def run_memory_rows(plan: Plan, threads: int, smoke: bool) -> dict:
-    specs = [
-        {
+    def spec(model: str, forward: bool) -> dict:
+        return {
             "mode": "memory",
             "model": model,
             "preset": plan.detection_preset,
             "image_size": list(plan.detection_size),
-            "forward": True,
+            "forward": forward,
         }
-        for model in ("stock", "ours")
-    ]
-    stock, ours = run_children(specs, threads, smoke)
+
+    children = dict(zip(("stock", "ours"), run_children([spec("stock", True), spec("ours", True)], threads, smoke)))
+    peaks = {}
+    for model, child in children.items():
+        if child["method"] == "VmHWM":
+            peaks[model] = child["peak_above_resting_mib"]
+        else:  # no way to restart the high-water mark: difference with a twin process that skips the forward
+            (twin,) = run_children([spec(model, False)], threads, smoke)
+            children[f"{model} without forward"] = twin
+            peaks[model] = child["max_rss_mib"] - twin["max_rss_mib"]
     return {
         "case": f"peak forward memory {plan.detection_preset} {plan.detection_size[0]}x{plan.detection_size[1]}",
-        "method": "fresh process per model; VmHWM reset after building, read after one inference_mode forward",
-        "stock_mib": stock["peak_above_resting_mib"],
-        "ours_mib": ours["peak_above_resting_mib"],
-        "ratio": ours["peak_above_resting_mib"] / stock["peak_above_resting_mib"],
-        "children": {"stock": stock, "ours": ours},
+        "method": (
+            "fresh process per model, default allocator; resident-set high-water mark restarted after building the "
+            "model (or, where that is impossible, minus a twin process without the forward), one inference forward"
+        ),
+        "stock_mib": peaks["stock"],
+        "ours_mib": peaks["ours"],
+        "ratio": peaks["ours"] / peaks["stock"],
+        "children": children,
     }
 
 
@@ -603,9 +622,17 @@ def machine_description(device: str) -> dict:
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """Each target of the issue with its measured figure (CPU targets; on a GPU they are reported, not judged)."""
-    rows = {row["case"]: row for row in results["eval"]}
-    b16 = next((row for row in rows.values() if row["preset"] == "small" and row["batch"] == 16), None)
+    """Each target of the issue with its measured figure (CPU targets; on a GPU they are reported, not judged).
+
+    The issue's targets are for PVT-small at 224x224 (batch 16 eval, batch 8 training) and one 800x1216 image; a
+    smoke run judges its tiny stand-ins the same way, which only checks the bookkeeping."""
+    plan = results["plan"]
+    size = f"{plan['image_size']}x{plan['image_size']}"
+    detection = "x".join(str(side) for side in plan["detection_size"])
+    mfu_row = next(
+        (row for row in results["eval"] if row["preset"] == plan["mfu_preset"] and row["batch"] == plan["mfu_batch"]),
+        None,
+    )
     whole = results.get("whole_process")
     memory = results.get("memory")
     targets = []
@@ -617,21 +644,32 @@ def evaluate_targets(results: dict) -> list[dict]:
         met = measured >= target if better == "higher" else measured <= target
         targets.append({"target": name, "what": what, "goal": target, "measured": measured, "met": met})
 
-    add("eval_224_b16_default", b16 and b16["speedup"], "higher", "224 batch 16 eval speed-up, default settings")
+    batch = plan["mfu_batch"]
+    add(
+        "eval_224_b16_default",
+        mfu_row and mfu_row["speedup"],
+        "higher",
+        f"{size} batch {batch} eval speed-up, default settings, same process",
+    )
     add(
         "eval_224_b16_documented_whole_process",
         whole and whole["ours_documented_vs_stock_default"],
         "higher",
-        "224 batch 16 eval speed-up, ours with documented settings vs stock default (whole process)",
+        f"{size} batch {batch} eval speed-up, ours with documented settings vs stock as installed (whole process)",
     )
-    add("detection_speedup", results["detection"]["speedup"], "higher", "800x1216 one image speed-up")
-    add("detection_memory_ratio", memory and memory["ratio"], "lower", "800x1216 peak forward memory, ours/stock")
-    add("training_step_b8", results["training"]["speedup"], "higher", "training step speed-up, 224 batch 8")
+    add("detection_speedup", results["detection"]["speedup"], "higher", f"{detection} one image speed-up")
+    add("detection_memory_ratio", memory and memory["ratio"], "lower", f"{detection} peak forward memory, ours/stock")
+    add(
+        "training_step_b8",
+        results["training"]["speedup"],
+        "higher",
+        f"training step speed-up, {size} batch {plan['train_batch']}",
+    )
     add(
         "mfu_224_b16_documented",
         whole and whole["ours_documented_mfu"],
         "higher",
-        "MFU at 224 batch 16, documented settings (fraction of same-run GEMM FLOP/s)",
+        f"MFU at {size} batch {batch}, documented settings (fraction of same-run GEMM FLOP/s)",
     )
     return targets
 
