@@ -224,7 +224,6 @@ class TokenChunkedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
         hidden: torch.Tensor,
         weight1: torch.Tensor,
         bias1: torch.Tensor | None,
@@ -232,7 +231,8 @@ class TokenChunkedMLP(torch.autograd.Function):
         bias2: torch.Tensor | None,
         activation: Callable[[torch.Tensor], torch.Tensor],
         rows_per_chunk: int,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP output, and the pre-activation that the backward pass needs (not differentiable)."""
         num_rows = hidden.shape[0]
         pre_activation = hidden.new_empty(num_rows, weight1.shape[0])
         activated = hidden.new_empty(min(rows_per_chunk, num_rows), weight1.shape[0])
@@ -243,14 +243,20 @@ class TokenChunkedMLP(torch.autograd.Function):
             block = activated[: pre_activation[rows].shape[0]]
             _activation_into(activation, pre_activation[rows], block)
             _linear_into(output[rows], block, weight2, bias2)
+        return output, pre_activation
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        hidden, weight1, bias1, weight2, bias2, activation, rows_per_chunk = inputs
+        pre_activation = output[1]
+        ctx.mark_non_differentiable(pre_activation)
         ctx.save_for_backward(hidden, pre_activation, weight1, weight2)
         ctx.activation, ctx.rows_per_chunk = activation, rows_per_chunk
         ctx.has_bias = (bias1 is not None, bias2 is not None)
-        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx, grad_output: torch.Tensor, _grad_pre_activation: None) -> tuple[torch.Tensor | None, ...]:
         hidden, pre_activation, weight1, weight2 = ctx.saved_tensors
         needs_hidden, needs_weight1, needs_bias1, needs_weight2, needs_bias2 = ctx.needs_input_grad[:5]
         grad_output = grad_output.contiguous()
@@ -337,7 +343,7 @@ class PvtFFN(nn.Module):
         # With autograd recording; without it, `PvtLayer.forward_in_chunks` handles the whole layer in eval mode.
         if self.chunks_tokens(hidden_states) and torch.is_grad_enabled() and not (self.training and self.dropout.p):
             rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-            output = TokenChunkedMLP.apply(
+            output, _ = TokenChunkedMLP.apply(
                 rows,
                 self.dense1.weight,
                 self.dense1.bias,

@@ -618,6 +618,17 @@ def machine_description(device: str) -> dict:
     }
     if device == "cuda":
         description["gpu"] = torch.cuda.get_device_name()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "modeling_pvt", "scripts/benchmark.py"],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+        ).stdout
+        description["git_commit"] = commit.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
+    except OSError:
+        pass
     return description
 
 

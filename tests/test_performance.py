@@ -196,12 +196,25 @@ def test_token_chunked_mlp_gradcheck(activation):
     function = ACT2FN[activation]
 
     def chunked(*inputs):
-        return TokenChunkedMLP.apply(*inputs, function, 3)  # 7 rows in blocks of 3: a ragged last block
+        return TokenChunkedMLP.apply(*inputs, function, 3)[0]  # 7 rows in blocks of 3: a ragged last block
 
     inputs = (hidden, weight1, bias1, weight2, bias2)
     assert torch.autograd.gradcheck(chunked, inputs)
     expected = torch.nn.functional.linear(function(torch.nn.functional.linear(hidden, weight1, bias1)), weight2, bias2)
     torch.testing.assert_close(chunked(*inputs), expected)
+
+
+def test_torch_func_grad_through_the_chunked_mlp(tiny_config):
+    from torch.func import functional_call, grad
+
+    model = PvtForImageClassification(tiny_config).train()
+    model.set_token_chunk_bytes(512)
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    parameters = {name: parameter.detach() for name, parameter in model.named_parameters()}
+    functional = grad(lambda params: functional_call(model, params, (pixel_values,), {"labels": labels}).loss)
+    expected = gradients(model, pixel_values, labels)
+    for name, gradient in functional(parameters).items():
+        torch.testing.assert_close(gradient, expected[name], msg=name)
 
 
 def test_gradient_checkpointing_with_chunked_mlp(tiny_config):
