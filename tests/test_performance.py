@@ -15,7 +15,16 @@ from transformers.models.pvt import PvtConfig as StockPvtConfig
 from transformers.models.pvt import PvtForImageClassification as StockPvtForImageClassification
 
 from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
-from modeling_pvt.modeling_pvt import DEFAULT_TOKEN_CHUNK_BYTES, PvtLayer, TokenChunkedMLP
+from modeling_pvt.modeling_pvt import (
+    DEFAULT_TOKEN_CHUNK_BYTES,
+    PvtLayer,
+    PvtLinear,
+    TokenChunkedMLP,
+    matmul_nn,
+    matmul_nt,
+    matmul_tn,
+    onednn_linear_available,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +38,11 @@ def build(config: PvtConfig, attn_implementation: str = "sdpa") -> PvtForImageCl
 
 
 def straightforward_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The same model with every chunked path switched off: the reference the fast paths must reproduce."""
+    """The same model with every fast CPU path switched off (no chunks, `F.linear` for the products): the reference
+    the fast paths must reproduce."""
     reference = copy.deepcopy(model)
     reference.set_token_chunk_bytes(None)
+    reference.set_onednn_linear(False)
     return reference
 
 
@@ -183,25 +194,99 @@ def test_training_with_dropout_uses_the_straightforward_mlp(tiny_config):
         torch.testing.assert_close(fast[name], plain[name], msg=name)
 
 
+@pytest.mark.parametrize("use_onednn", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "relu", "silu", "gelu_new"])
-def test_token_chunked_mlp_gradcheck(activation):
+def test_token_chunked_mlp_gradcheck(activation, use_onednn):
+    """Finite differences in float64 (where the products are PyTorch's own), then float32 against autograd."""
     from transformers.activations import ACT2FN
 
     torch.manual_seed(0)
-    hidden = torch.randn(7, 3, dtype=torch.double, requires_grad=True)
-    weight1 = torch.randn(5, 3, dtype=torch.double, requires_grad=True)
-    bias1 = torch.randn(5, dtype=torch.double, requires_grad=True)
-    weight2 = torch.randn(3, 5, dtype=torch.double, requires_grad=True)
-    bias2 = torch.randn(3, dtype=torch.double, requires_grad=True)
     function = ACT2FN[activation]
 
     def chunked(*inputs):
-        return TokenChunkedMLP.apply(*inputs, function, 3)[0]  # 7 rows in blocks of 3: a ragged last block
+        return TokenChunkedMLP.apply(*inputs, function, 3, use_onednn)[0]  # 7 rows in blocks of 3: ragged last block
 
-    inputs = (hidden, weight1, bias1, weight2, bias2)
+    def plain(hidden, weight1, bias1, weight2, bias2):
+        return torch.nn.functional.linear(function(torch.nn.functional.linear(hidden, weight1, bias1)), weight2, bias2)
+
+    shapes = [(7, 3), (5, 3), (5,), (3, 5), (3,)]
+    inputs = tuple(torch.randn(shape, dtype=torch.double, requires_grad=True) for shape in shapes)
     assert torch.autograd.gradcheck(chunked, inputs)
-    expected = torch.nn.functional.linear(function(torch.nn.functional.linear(hidden, weight1, bias1)), weight2, bias2)
-    torch.testing.assert_close(chunked(*inputs), expected)
+    inputs = tuple(torch.randn(shape, requires_grad=True) for shape in [(37, 16), (48, 16), (48,), (16, 48), (16,)])
+    upstream = torch.randn(37, 16)
+    fast = torch.autograd.grad(chunked(*inputs), inputs, upstream)
+    expected = torch.autograd.grad(plain(*inputs), inputs, upstream)
+    for fast_gradient, expected_gradient in zip(fast, expected, strict=True):
+        torch.testing.assert_close(fast_gradient, expected_gradient, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear kernel")
+@pytest.mark.parametrize("rows, narrow, wide", [(1, 3, 5), (37, 16, 48), (300, 64, 512), (64, 320, 320)])
+def test_onednn_products_are_float32_accurate(rows, narrow, wide):
+    torch.manual_seed(0)
+    for left_width, right_width in [(narrow, wide), (wide, narrow)]:
+        left, right = torch.randn(rows, left_width), torch.randn(rows, right_width)
+        bias = torch.randn(left_width)
+        weight = torch.randn(left_width, right_width)
+        checks = [
+            (matmul_nt(right, weight, bias), right.double() @ weight.double().t() + bias.double()),
+            (matmul_nt(right[:, None].expand(-1, 2, -1)[:, 1], weight), right.double() @ weight.double().t()),
+            (matmul_nn(left, weight), left.double() @ weight.double()),
+            (matmul_tn(left, right), left.double().t() @ right.double()),
+        ]
+        for fast, exact in checks:
+            assert fast.dtype == torch.float32 and fast.shape == exact.shape
+            torch.testing.assert_close(fast.double(), exact, atol=1e-4 * exact.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pvt_linear_matches_nn_linear_forward_and_backward(bias):
+    torch.manual_seed(0)
+    fast = PvtLinear(24, 40, bias=bias)
+    plain = torch.nn.Linear(24, 40, bias=bias)
+    plain.load_state_dict(fast.state_dict())
+    assert set(fast.state_dict()) == set(plain.state_dict())
+    inputs = torch.randn(3, 11, 24, requires_grad=True)
+    upstream = torch.randn(3, 11, 40)
+    results = []
+    for layer in (fast, plain):
+        output = layer(inputs)
+        results.append((output, *torch.autograd.grad(output, (inputs, *layer.parameters()), upstream)))
+    for fast_value, plain_value in zip(*results, strict=True):
+        torch.testing.assert_close(fast_value, plain_value, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.project(inputs, torch.nn.functional.relu), torch.relu(plain(inputs)))
+        residual = torch.randn(3, 11, 40)
+        torch.testing.assert_close(fast.project_add(inputs, residual), plain(inputs) + residual, atol=1e-5, rtol=1e-4)
+
+
+def test_wrapped_projections_keep_their_wrapper(tiny_config):
+    """An adapter wrapped around a projection (as LoRA does) must not be bypassed by the fused fast paths."""
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, layer: torch.nn.Linear):
+            super().__init__()
+            self.base_layer, self.weight, self.bias = layer, layer.weight, layer.bias
+            self.in_features, self.out_features = layer.in_features, layer.out_features
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.base_layer(inputs) + 0.5
+
+    model = build(tiny_config)
+    for stage in model.pvt.encoder.block:
+        for layer in stage:
+            layer.mlp.dense1 = Shifted(layer.mlp.dense1)
+            layer.attention.output.dense = Shifted(layer.attention.output.dense)
+    reference = straightforward_copy(model)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(pixel_values).logits, reference(pixel_values).logits, atol=1e-5, rtol=1e-4)
+    model.train()
+    reference.train()
+    labels = torch.tensor([0, 1])
+    fast, plain = gradients(model, pixel_values, labels), gradients(reference, pixel_values, labels)
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_torch_func_grad_through_the_chunked_mlp(tiny_config):
