@@ -792,6 +792,8 @@ class PvtBackbone(BackboneMixin, PvtPreTrainedModel):
     """
 
     has_attentions = True
+    # What a classification checkpoint holds beyond the backbone: expected leftovers, not a loading problem.
+    _keys_to_ignore_on_load_unexpected = [r"cls_token", r"^pvt\.encoder\.layer_norm\.", r"^classifier\."]
 
     def __init__(self, config: PvtConfig):
         super().__init__(config)
