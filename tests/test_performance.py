@@ -17,6 +17,7 @@ from transformers.models.pvt import PvtForImageClassification as StockPvtForImag
 from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
 from modeling_pvt.modeling_pvt import (
     DEFAULT_TOKEN_CHUNK_BYTES,
+    PvtEfficientSelfAttention,
     PvtLayer,
     PvtLinear,
     TokenChunkedMLP,
@@ -80,6 +81,51 @@ def test_chunked_inference_matches_the_straightforward_code(tiny_config, attn_im
     torch.testing.assert_close(fast.logits, plain.logits, atol=1e-5, rtol=1e-4)
     for fast_hidden, plain_hidden in zip(fast.hidden_states, plain.hidden_states, strict=True):
         torch.testing.assert_close(fast_hidden, plain_hidden, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_folded_attention_matches_attention_then_projection(tiny_config, qkv_bias, use_onednn):
+    """Query projection folded into the keys, output projection into the values: the same attention output."""
+    tiny_config.qkv_bias = qkv_bias
+    model = build(tiny_config)
+    model.set_onednn_linear(use_onednn)
+    for stage in model.pvt.encoder.block:
+        layer = stage[0]
+        attention, projection = layer.attention.self, layer.attention.output.dense
+        width = projection.in_features
+        hidden = torch.randn(3, 30, width)
+        key, value = torch.randn(2, 3, attention.num_attention_heads, 7, attention.attention_head_size).unbind(0)
+        residual = torch.randn(3, 30, width)
+        with torch.no_grad():
+            expected = projection(attention.attend(hidden, key, value)[0]) + residual
+            score_weights, score_biases, value_weights = attention.fold_projections(key, value, projection)
+            assert (score_biases is None) == (not qkv_bias)
+            for image in range(3):
+                scores = hidden[image] @ score_weights[image].t()
+                if score_biases is not None:
+                    scores = scores + score_biases[image]
+                probabilities = scores.view(30, attention.num_attention_heads, 7).softmax(-1).view(30, -1)
+                folded = probabilities @ value_weights[image] + projection.bias + residual[image]
+                torch.testing.assert_close(folded, expected[image], atol=1e-5, rtol=1e-4)
+
+
+def test_folding_is_used_where_it_pays_off(tiny_config, monkeypatch):
+    calls = []
+    original = PvtEfficientSelfAttention.fold_projections
+    monkeypatch.setattr(
+        PvtEfficientSelfAttention, "fold_projections", lambda *args: calls.append(1) or original(*args)
+    )
+    model = build(tiny_config)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert calls  # the first stages of this tiny model have few keys per query: folded
+    layer = model.pvt.encoder.block[0][0]
+    attention, projection = layer.attention.self, layer.attention.output.dense
+    assert attention.folding_pays_off(num_queries=256, num_keys=4, output_projection=projection)
+    assert not attention.folding_pays_off(num_queries=49, num_keys=49, output_projection=projection)
+    model.config._attn_implementation = "flex_attention"  # only exact softmax attention is folded
+    assert not attention.folding_pays_off(num_queries=256, num_keys=4, output_projection=projection)
 
 
 def test_chunked_layer_runs_and_matches(tiny_config, monkeypatch):
