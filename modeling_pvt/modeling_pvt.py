@@ -44,6 +44,12 @@ HUB_AUTO_MAP = {
 }
 
 
+# Costs in multiply-add equivalents for choosing between attention routes (`folding_pays_off`), measured on
+# PVT-small on 2 cores of an AMD EPYC: the fused attention kernel with a few dozen keys per query runs at about a
+# quarter of the rate of a matrix product, and one more operator call costs about as much as 3M multiply-adds.
+ATTENTION_KERNEL_COST = 4
+CALL_COST = 3_000_000
+
 # A block of tokens whose MLP activation is this large stays in the CPU's last-level cache between the two MLP
 # products; measured fastest on 2 cores of an AMD EPYC (4 and 16 MiB were within 2-5%, 1 MiB 20% slower).
 DEFAULT_TOKEN_CHUNK_BYTES = 8 * 2**20
@@ -148,6 +154,11 @@ def onednn_linear_available() -> bool:
 _ONEDNN_LINEAR = onednn_linear_available()
 
 
+def _tracing() -> bool:
+    """torch.compile / torch.export or torch.jit.trace is recording the model: give it the standard operators."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _python_dispatch_mode_active() -> bool:
     """A Python dispatch mode (FLOP counter, fake tensors) is active; never asked while torch.compile traces."""
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
@@ -163,7 +174,7 @@ def _onednn_applies(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and inputs.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == inputs.dtype
-        and not torch.compiler.is_compiling()
+        and not _tracing()
         and not torch.is_autocast_enabled("cpu")
         and not _python_dispatch_mode_active()
     )
@@ -328,23 +339,28 @@ class PvtEfficientSelfAttention(nn.Module):
         key, value = self.keys_and_values(hidden_states, height, width)
         return self.attend(hidden_states, key, value, output_attentions)
 
-    def folding_pays_off(self, num_queries: int, num_keys: int, output_projection: nn.Module) -> bool:
-        """Whether `fold_projections` clearly saves work for `num_queries` queries per image over `num_keys` keys.
+    def folding_pays_off(
+        self, batch_size: int, num_queries: int, num_keys: int, num_chunks: int, output_projection: nn.Module
+    ) -> bool:
+        """Whether `fold_projections` saves time in a layer run in `num_chunks` blocks (`PvtLayer.forward_in_chunks`).
 
-        Per image, the plain route costs N C^2 (query projection) + N C^2 (output projection) + 2 N M C (the two
-        attention products) multiply-adds; the folded one 2 N (hM) C (two products over every head's keys) + 2 M C^2
-        (folding). With few keys per query (spatial reduction) the folded route is much cheaper in the first stages;
-        below a quarter saved, the extra calls of folding eat the gain (measured on PVT-small). Only for exact
-        softmax attention (eager or SDPA) through this module's own projections."""
-        queries, keys = num_queries, num_keys
+        Per image the plain route does N C^2 + N C^2 multiply-adds (query and output projections) and 2 N M C in
+        the attention kernel, which with so few keys per query runs at about a quarter of the matrix products' rate;
+        the folded route does 2 N (hM) C in matrix products plus 2 M C^2 to fold. Calls are counted too: folding
+        takes 2h+4 calls per layer and 3 per image instead of 3 per block. The constants were measured on PVT-small
+        (2-core AMD EPYC); with them, the first two stages fold at 224x224 and the third only for larger batches.
+        Only for exact softmax attention (eager or SDPA) through this module's own projections."""
+        batch, queries, keys, chunks = batch_size, num_queries, num_keys, num_chunks
         width, heads = self.num_attention_heads * self.attention_head_size, self.num_attention_heads
-        plain = 2 * queries * width * width + 2 * queries * keys * width
-        folded = 2 * queries * heads * keys * width + 2 * keys * width * width
+        plain = batch * (2 * queries * width * width + ATTENTION_KERNEL_COST * 2 * queries * keys * width)
+        plain += 3 * chunks * CALL_COST
+        folded = batch * (2 * queries * heads * keys * width + 2 * keys * width * width)
+        folded += (2 * heads + 4 + 3 * batch) * CALL_COST
         return (
             self.config._attn_implementation in (None, "eager", "sdpa")
             and type(self.query) is PvtLinear
             and type(output_projection) is PvtLinear
-            and folded <= 0.75 * plain
+            and folded < plain
         )
 
     @torch.no_grad()
@@ -509,7 +525,7 @@ class PvtFFN(nn.Module):
         return (
             bool(self.token_chunk_bytes)
             and hidden_states.device.type == "cpu"
-            and not torch.compiler.is_compiling()
+            and not _tracing()
             and type(self.dense1) is PvtLinear
             and type(self.dense2) is PvtLinear
         )
@@ -617,13 +633,15 @@ class PvtLayer(GradientCheckpointingLayer):
         output = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
         projection, mlp = self.attention.output.dense, self.mlp
         heads, num_keys = key.shape[1], key.shape[2]
-        folded = self_attention.folding_pays_off(hidden_states.shape[1], num_keys, projection)
+        chunks = self.token_chunks(*hidden_states.shape[:2])
+        batch_size, num_queries = hidden_states.shape[:2]
+        folded = self_attention.folding_pays_off(batch_size, num_queries, num_keys, len(chunks), projection)
         if folded:
             score_weights, score_biases, value_weights = self_attention.fold_projections(key, value, projection)
-        for images, tokens in self.token_chunks(*hidden_states.shape[:2]):
+        for images, tokens in chunks:
             if folded:
-                block = output[images, tokens]  # filled image by image, then read by the MLP below
-                for image in range(*images.indices(len(output))):
+                block = output[images, tokens]  # filled image by image (the weights differ), then read by the MLP
+                for index, image in enumerate(range(*images.indices(len(output)))):
                     scores = matmul_nt(
                         normalized[image, tokens],
                         score_weights[image],
@@ -631,13 +649,17 @@ class PvtLayer(GradientCheckpointingLayer):
                         projection.use_onednn,
                     )
                     probabilities = scores.view(-1, heads, num_keys).softmax(-1).view(scores.shape)
-                    block[image - images.start] = matmul_nt_add(
+                    attended = matmul_nt_add(
                         probabilities,
                         value_weights[image].t(),
                         projection.bias,
                         hidden_states[image, tokens],
                         projection.use_onednn,
                     )
+                    if len(block) == 1:
+                        block = attended.unsqueeze(0)  # a one-image block needs no copy
+                    else:
+                        block[index] = attended
             else:
                 attended, _ = self_attention.attend(normalized[images, tokens], key[images], value[images])
                 block = projection.project_add(attended, hidden_states[images, tokens])

@@ -68,9 +68,17 @@ def test_chunking_is_on_by_default_and_can_be_switched_off(tiny_config):
     assert not any(module.token_chunk_bytes for module in model.modules() if hasattr(module, "token_chunk_bytes"))
 
 
+@pytest.mark.parametrize("fold", ["never", "always"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("chunk_bytes", CHUNK_SIZES)
-def test_chunked_inference_matches_the_straightforward_code(tiny_config, attn_implementation, chunk_bytes):
+def test_chunked_inference_matches_the_straightforward_code(
+    tiny_config, attn_implementation, chunk_bytes, fold, monkeypatch
+):
+    # The tiny model is too small for folding to pay off by itself: force each attention route in turn.
+    folds = []
+    monkeypatch.setattr(
+        PvtEfficientSelfAttention, "folding_pays_off", lambda *args: folds.append(1) or fold == "always"
+    )
     model = build(tiny_config, attn_implementation)
     reference = straightforward_copy(model)
     model.set_token_chunk_bytes(chunk_bytes)
@@ -81,6 +89,7 @@ def test_chunked_inference_matches_the_straightforward_code(tiny_config, attn_im
     torch.testing.assert_close(fast.logits, plain.logits, atol=1e-5, rtol=1e-4)
     for fast_hidden, plain_hidden in zip(fast.hidden_states, plain.hidden_states, strict=True):
         torch.testing.assert_close(fast_hidden, plain_hidden, atol=1e-5, rtol=1e-4)
+    assert len(folds) == sum(tiny_config.depths)  # every layer went through the chunked path
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
@@ -110,22 +119,19 @@ def test_folded_attention_matches_attention_then_projection(tiny_config, qkv_bia
                 torch.testing.assert_close(folded, expected[image], atol=1e-5, rtol=1e-4)
 
 
-def test_folding_is_used_where_it_pays_off(tiny_config, monkeypatch):
-    calls = []
-    original = PvtEfficientSelfAttention.fold_projections
-    monkeypatch.setattr(
-        PvtEfficientSelfAttention, "fold_projections", lambda *args: calls.append(1) or original(*args)
-    )
+def test_folding_decision(tiny_config):
     model = build(tiny_config)
-    with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))
-    assert calls  # the first stages of this tiny model have few keys per query: folded
-    layer = model.pvt.encoder.block[0][0]
-    attention, projection = layer.attention.self, layer.attention.output.dense
-    assert attention.folding_pays_off(num_queries=256, num_keys=4, output_projection=projection)
-    assert not attention.folding_pays_off(num_queries=49, num_keys=49, output_projection=projection)
+    projection = model.pvt.encoder.block[0][0].attention.output.dense
+    # PVT-small's first stage (3136 queries over 49 keys, width 64) folds; its last (50 over 50, width 512) does not
+    first = model.pvt.encoder.block[0][0].attention.self
+    first.num_attention_heads, first.attention_head_size = 1, 64
+    assert first.folding_pays_off(16, 3136, 49, 16, projection)
+    assert first.folding_pays_off(1, 3136, 49, 1, projection)
+    last = model.pvt.encoder.block[-1][0].attention.self
+    last.num_attention_heads, last.attention_head_size = 8, 64
+    assert not last.folding_pays_off(16, 50, 50, 1, projection)
     model.config._attn_implementation = "flex_attention"  # only exact softmax attention is folded
-    assert not attention.folding_pays_off(num_queries=256, num_keys=4, output_projection=projection)
+    assert not first.folding_pays_off(16, 3136, 49, 16, projection)
 
 
 def test_chunked_layer_runs_and_matches(tiny_config, monkeypatch):
