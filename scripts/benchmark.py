@@ -122,7 +122,7 @@ class Plan:
             mfu_batch=16,
             warmup=2,
             rounds=rounds or 5,
-            process_rounds=process_rounds or 3,
+            process_rounds=process_rounds or 4,
             min_measure_s=0.5,
             gemm_size=8192 if device == "cuda" else 2048,
         )
