@@ -49,6 +49,9 @@ HUB_AUTO_MAP = {
 # quarter of the rate of a matrix product, and one more operator call costs about as much as 3M multiply-adds.
 ATTENTION_KERNEL_COST = 4
 CALL_COST = 3_000_000
+# Folding materialises a block's attention scores (queries x heads*keys); with more keys than this the fused kernel is
+# efficient again and the scores would cost memory (e.g. 950 keys per query in stage 1 at 800x1216: not folded).
+MAX_FOLDED_KEYS = 256
 
 # A block of tokens whose MLP activation is this large stays in the CPU's last-level cache between the two MLP
 # products; measured fastest on 2 cores of an AMD EPYC (4 and 16 MiB were within 2-5%, 1 MiB 20% slower).
@@ -349,7 +352,8 @@ class PvtEfficientSelfAttention(nn.Module):
         the folded route does 2 N (hM) C in matrix products plus 2 M C^2 to fold. Calls are counted too: folding
         takes 2h+4 calls per layer and 3 per image instead of 3 per block. The constants were measured on PVT-small
         (2-core AMD EPYC); with them, the first two stages fold at 224x224 and the third only for larger batches.
-        Only for exact softmax attention (eager or SDPA) through this module's own projections."""
+        Only for exact softmax attention (eager or SDPA) through this module's own projections, and only with few
+        keys (`MAX_FOLDED_KEYS`)."""
         batch, queries, keys, chunks = batch_size, num_queries, num_keys, num_chunks
         width, heads = self.num_attention_heads * self.attention_head_size, self.num_attention_heads
         plain = batch * (2 * queries * width * width + ATTENTION_KERNEL_COST * 2 * queries * keys * width)
@@ -360,6 +364,7 @@ class PvtEfficientSelfAttention(nn.Module):
             self.config._attn_implementation in (None, "eager", "sdpa")
             and type(self.query) is PvtLinear
             and type(output_projection) is PvtLinear
+            and heads * keys <= MAX_FOLDED_KEYS
             and folded < plain
         )
 

@@ -231,7 +231,7 @@ def time_interleaved(functions: dict[str, Callable[[], object]], plan: Plan, dev
 
     On a shared machine another process's burst slows whichever model runs at that moment (with several OpenMP
     threads, many times over). A round during which other processes used more than `plan.max_foreign_load` of the
-    machine's CPUs is run again (up to three times the planned number of rounds); the medians use the undisturbed
+    machine's CPUs is run again (up to twice the planned number of rounds); the medians use the undisturbed
     rounds, or every round if there were none (the record says which).
     """
     for function in functions.values():
@@ -243,7 +243,7 @@ def time_interleaved(functions: dict[str, Callable[[], object]], plan: Plan, dev
     foreign_loads: list[float] = []
     kept: list[int] = []
     progress = tqdm(total=plan.rounds, desc=desc, leave=False)
-    while len(kept) < plan.rounds and len(all_times) < 3 * plan.rounds:
+    while len(kept) < plan.rounds and len(all_times) < 2 * plan.rounds:
         round_index = len(all_times)
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         round_times = {}

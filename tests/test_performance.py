@@ -127,6 +127,7 @@ def test_folding_decision(tiny_config):
     first.num_attention_heads, first.attention_head_size = 1, 64
     assert first.folding_pays_off(16, 3136, 49, 16, projection)
     assert first.folding_pays_off(1, 3136, 49, 1, projection)
+    assert not first.folding_pays_off(1, 60800, 950, 15, projection)  # 800x1216: many keys, the fused kernel wins
     last = model.pvt.encoder.block[-1][0].attention.self
     last.num_attention_heads, last.attention_head_size = 8, 64
     assert not last.folding_pays_off(16, 50, 50, 1, projection)
