@@ -111,20 +111,23 @@ class Plan:
                 gemm_size=256,
                 max_foreign_load=1.0,  # the smoke run checks the machinery; its numbers mean nothing anyway
             )
+        # A GPU only fills up with large batches: there the MFU is read at batch 256 and the training step runs at
+        # batch 64 (at batch 8 both models wait on kernel launches, not on the GPU).
+        gpu = device == "cuda"
         return cls(
             presets=("tiny", "small"),
-            eval_batches=(1, 16),
+            eval_batches=(1, 16, 256) if gpu else (1, 16),
             image_size=224,
             detection_size=(800, 1216),
             detection_preset="small",
-            train_batch=8,
+            train_batch=64 if gpu else 8,
             mfu_preset="small",
-            mfu_batch=16,
+            mfu_batch=256 if gpu else 16,
             warmup=2,
             rounds=rounds or 5,
             process_rounds=process_rounds or 4,
             min_measure_s=0.5,
-            gemm_size=8192 if device == "cuda" else 2048,
+            gemm_size=8192 if gpu else 2048,
         )
 
 
@@ -704,14 +707,20 @@ def evaluate_targets(results: dict) -> list[dict]:
     return targets
 
 
+def machine_label(machine: dict) -> str:
+    if machine["device"] == "cuda":
+        return f"{machine['gpu']} (host: {machine['cpu']}, {machine['logical_cpus']} logical CPUs)"
+    return f"{machine['cpu']} ({machine['logical_cpus']} logical CPUs, {machine['torch_threads']} threads)"
+
+
 def markdown_table(results: dict) -> str:
     machine = results["machine"]
     timings = [row["timing"] for row in [*results["eval"], results["detection"], results["training"]]]
     kept, run = sum(timing["rounds_kept"] for timing in timings), sum(timing["rounds_run"] for timing in timings)
     lines = [
-        f"Measured {results['finished']} on {machine['cpu']} ({machine['logical_cpus']} logical CPUs, "
-        f"{machine['torch_threads']} threads), torch {machine['torch']}, transformers {machine['transformers']}, "
-        f"fp32{' / bf16' if machine['device'] == 'cuda' else ''}; load average {results['load_average']['start']} "
+        f"Measured {results['finished']} on {machine_label(machine)}, torch {machine['torch']}, transformers "
+        f"{machine['transformers']}, {results['dtype'].removeprefix('torch.')} (parity checked in float32 on the "
+        f"CPU); load average {results['load_average']['start']} "
         f"at start, {results['load_average']['end']} at end. Speed-up = median of per-round ratios; "
         f"{kept} of {run} timed rounds kept (rounds during which other processes used more than "
         f"{results['plan']['max_foreign_load']:.0%} of the CPUs were repeated).",
@@ -832,7 +841,7 @@ def write_chart(results: dict, path: Path) -> None:
     mfu_axis.bar_label(bars, fmt="%.0f%%", fontsize=8)
     mfu_axis.set_title(f"model FLOP utilisation, batch {results['plan']['mfu_batch']}")
     machine = results["machine"]
-    figure.suptitle(f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}", fontsize=9)
+    figure.suptitle(f"{machine_label(machine)}, torch {machine['torch']}", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -1,0 +1,117 @@
+"""What the model does on a CUDA GPU: bf16, the fused attention kernels, training under autocast, torch.compile.
+
+Skipped where there is no GPU (CI); run on one with `python -m pytest tests/test_gpu.py`.
+"""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.double().cpu(), reference.double().cpu()
+    return ((value - reference).norm() / reference.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """fp32 comparisons mean fp32: TF32 matrix units would round to 10 mantissa bits."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.fixture
+def tiny_preset() -> PvtConfig:
+    """PVT-tiny as published (head size 64 in every stage, as the flash kernel wants), 10 classes."""
+    return PvtConfig.from_preset("tiny", num_labels=10)
+
+
+def test_cuda_float32_matches_cpu_float64(tiny_preset):
+    model = PvtForImageClassification(tiny_preset).eval()
+    pixel_values = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        reference = model.double()(pixel_values.double()).logits
+        on_gpu = model.float().cuda()(pixel_values.cuda()).logits
+    assert relative_error(on_gpu, reference) < 1e-5
+
+
+@pytest.mark.parametrize("backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+def test_bf16_with_each_fused_kernel_is_close_to_float64(tiny_preset, backend):
+    model = PvtForImageClassification(tiny_preset).eval()
+    pixel_values = torch.randn(4, 3, 224, 224)
+    with torch.inference_mode():
+        reference = model.double()(pixel_values.double(), output_hidden_states=True)
+        model = model.to(device="cuda", dtype=torch.bfloat16)
+        with sdpa_kernel(backend):  # only this kernel: an error here means it cannot run PVT's attention
+            output = model(pixel_values.to(device="cuda", dtype=torch.bfloat16), output_hidden_states=True)
+    for hidden, hidden_reference in zip(output.hidden_states, reference.hidden_states):
+        assert torch.isfinite(hidden).all()
+        assert relative_error(hidden, hidden_reference) < 2e-2
+    assert relative_error(output.logits, reference.logits) < 3e-2
+
+
+def test_sdpa_and_eager_attention_agree_in_bf16(tiny_preset):
+    pixel_values = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    sdpa = PvtForImageClassification(tiny_preset).to(device="cuda", dtype=torch.bfloat16).eval()
+    eager = PvtForImageClassification._from_config(tiny_preset, attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    eager = eager.to(device="cuda", dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        assert relative_error(sdpa(pixel_values).logits, eager(pixel_values).logits) < 2e-2
+
+
+def test_bf16_autocast_training_learns_a_fixed_batch(tiny_preset):
+    model = PvtForImageClassification(tiny_preset).cuda().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    pixel_values = torch.randn(8, 3, 224, 224, device="cuda")
+    labels = torch.arange(8, device="cuda") % 10
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(pixel_values, labels=labels).loss
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bf16_autocast_gradients_are_close_to_float32(tiny_preset):
+    model = PvtForImageClassification(tiny_preset).cuda().train()
+    pixel_values = torch.randn(4, 3, 224, 224, device="cuda")
+    labels = torch.tensor([0, 1, 2, 3], device="cuda")
+
+    def gradient_vector(autocast: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            model(pixel_values, labels=labels).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    assert relative_error(gradient_vector(True), gradient_vector(False)) < 5e-2
+
+
+def test_backbone_feature_maps_at_detection_size_in_bf16():
+    config = PvtConfig.from_preset("small")
+    backbone = PvtBackbone(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        maps = backbone(torch.randn(1, 3, 800, 1216, device="cuda", dtype=torch.bfloat16)).feature_maps
+    assert [tuple(feature_map.shape[2:]) for feature_map in maps] == [(200, 304), (100, 152), (50, 76), (25, 38)]
+    assert all(torch.isfinite(feature_map).all() for feature_map in maps)
+
+
+def test_compiled_forward_agrees_with_eager_on_gpu(tiny_preset):
+    model = PvtForImageClassification(tiny_preset).to(device="cuda", dtype=torch.bfloat16).eval()
+    pixel_values = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        eager_logits = model(pixel_values).logits
+        compiled_logits = compiled(pixel_values).logits
+    assert relative_error(compiled_logits, eager_logits) < 2e-2
