@@ -474,16 +474,15 @@ def collate_image_batch(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
 
 def build_train_transform(
     image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     rand_augment: str | None = "rand-m9-mstd0.5-inc1",
-    random_erasing: float = 0.25,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     horizontal_flip: float = 0.5,
     color_jitter: float = 0.4,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """The DeiT/PVT training augmentation through timm: random resized crop (bicubic), flip, RandAugment (or colour
-    jitter when RandAugment is off), normalisation and random erasing; each part can be turned off."""
+    """The per-image part of the DeiT/PVT training augmentation through timm: random resized crop (bicubic), flip,
+    RandAugment (or colour jitter when RandAugment is off); each part can be turned off. It returns `uint8` (3, H, W)
+    tensors: normalisation and random erasing run on whole batches on the training device (`TrainBatchTransform`),
+    which moves a quarter of the bytes from the workers and the host to the device."""
     from timm.data import create_transform
 
     return create_transform(
@@ -494,12 +493,30 @@ def build_train_transform(
         color_jitter=color_jitter,
         auto_augment=rand_augment or None,
         interpolation="bicubic",
-        mean=tuple(mean),
-        std=tuple(std),
-        re_prob=random_erasing,
-        re_mode="pixel",
-        re_count=1,
+        use_prefetcher=True,  # timm's name for "stop at uint8 tensors; the batch side normalises and erases"
     )
+
+
+class TrainBatchTransform:
+    """The batch part of the training augmentation, on the device the batch is on: `uint8` images to normalised
+    floats, then timm's random erasing ("pixel" mode, one region) with probability `random_erasing`, image by image,
+    as DeiT/PVT apply it on the host. Its random draws come from the training process's generators, which
+    checkpoints save and restore, so resumed runs stay exact."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], random_erasing: float, device: torch.device):
+        mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add
+        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
+        self.erasing = None
+        if random_erasing > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erasing = RandomErasing(random_erasing, mode="pixel", max_count=1, device=device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = torch.addcmul(self.shift, images.float(), self.scale)
+        return images if self.erasing is None else self.erasing(images)
 
 
 def build_processor_transform(image_processor) -> Callable[[Image.Image], torch.Tensor]:

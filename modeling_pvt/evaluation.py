@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError
 from .metrics import load_metric
+from .training import is_compiled
 
 logger = get_logger(__name__)
 
@@ -26,9 +27,17 @@ def _batches_with_logits(
     accelerator: Accelerator, model: torch.nn.Module, dataloader: torch.utils.data.DataLoader
 ) -> Iterator[tuple[dict, torch.Tensor]]:
     model.eval()
+    # A compiled model is specialised to the batch size it first saw: the last, smaller batch is padded with copies
+    # of its last image instead of compiling another graph, and only the real images' logits are kept.
+    padded_size = 0 if is_compiled(model) else None
     for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
+        pixel_values = batch["pixel_values"]
+        size = len(pixel_values)
+        if padded_size is not None:
+            padded_size = max(padded_size, size)
+            pixel_values = torch.cat([pixel_values, pixel_values[-1:].expand(padded_size - size, -1, -1, -1)])
         with torch.no_grad():
-            yield batch, model(pixel_values=batch["pixel_values"]).logits
+            yield batch, model(pixel_values=pixel_values).logits[:size]
 
 
 def label_mapping(model_id2label: dict[int, str], dataset_labels: Sequence[str]) -> list[int] | None:

@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -63,7 +63,11 @@ def setup_accelerator(output_dir: str | Path | None = None, **accelerator_kwargs
     """An `Accelerator` for this host, with the logging every script uses (quiet on all but the main process)."""
     configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
     accelerator = Accelerator(
-        cpu=cpu_only_host(), project_dir=str(output_dir) if output_dir else None, **accelerator_kwargs
+        cpu=cpu_only_host(),
+        project_dir=str(output_dir) if output_dir else None,
+        # Batches come from pinned memory on a GPU host (see `_loader_options`): copy them without waiting.
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+        **accelerator_kwargs,
     )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
@@ -77,6 +81,30 @@ def setup_accelerator(output_dir: str | Path | None = None, **accelerator_kwargs
     if output_dir and accelerator.is_main_process:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def compile_model(model: torch.nn.Module, backend: str | None) -> None:
+    """`torch.compile` the model in place, whole (`fullgraph=True`) and for static shapes, when `backend` is given
+    ("inductor"; "eager" and "aot_eager" only check the capture). In place, before `accelerator.prepare`: the
+    module keeps its class and parameter names, so DDP/FSDP wrap it, and saving and checkpoints work, as for an
+    eager model. A run then compiles once for training and once for evaluation, and never again: training batches
+    all have one size, and the evaluation pads its last, smaller batch (`evaluation.py`)."""
+    if backend:
+        model.compile(backend=backend, fullgraph=True, dynamic=False)
+
+
+def compiled_graph_count(model: torch.nn.Module) -> int | None:
+    """Graphs torch.compile has captured in this process when `model` (prepared or not) was compiled by
+    `compile_model`; else None. A count that grows after the first training step and the first evaluation means
+    recompilation."""
+    if not is_compiled(model):
+        return None
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether `model`, or the module that DDP/FSDP wrap in it, was compiled in place."""
+    return getattr(getattr(model, "module", model), "_compiled_call_impl", None) is not None
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
@@ -108,10 +136,16 @@ class EpochSeededDataset(torch.utils.data.Dataset):
 
     def __init__(self, augmentation_seed: int | None = None):
         self.augmentation_seed = augmentation_seed
-        self.epoch = 0
+        # In shared memory: persistent data-loader workers hold a copy of the dataset made when they started, and
+        # must still see the epoch the main process sets before each new pass.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     @contextmanager
     def augmentation(self, index: int):
@@ -146,6 +180,16 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         yield from torch.randperm(self.num_samples, generator=order_generator).tolist()
 
 
+def _loader_options(num_workers: int) -> dict:
+    """Workers that live for the whole run (no restart, and no stall, at each epoch) and, with a GPU, batches in
+    page-locked memory so that their copy to the device overlaps the computation."""
+    return {
+        "num_workers": num_workers,
+        "persistent_workers": num_workers > 0,
+        "pin_memory": torch.cuda.is_available(),
+    }
+
+
 def build_train_dataloader(
     dataset: torch.utils.data.Dataset, batch_size: int, seed: int, collate_fn: Callable, num_workers: int = 0
 ) -> torch.utils.data.DataLoader:
@@ -157,8 +201,8 @@ def build_train_dataloader(
         batch_size=batch_size,
         drop_last=True,
         collate_fn=collate_fn,
-        num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
+        **_loader_options(num_workers),
     )
 
 
@@ -170,8 +214,8 @@ def build_eval_dataloader(
         dataset,
         batch_size=batch_size,
         collate_fn=collate_fn,
-        num_workers=num_workers,
         generator=torch.Generator().manual_seed(0),  # see build_train_dataloader
+        **_loader_options(num_workers),
     )
 
 
@@ -348,6 +392,77 @@ class TrainingOutcome:
     """Epochs run, counting the one the loop stopped in."""
     completed_steps: int
     train_runtime: float
+    steady_steps_per_second: float | None = None
+    """Optimizer steps per second after the first `LoopClock.warmup_steps` of the run, evaluation left out."""
+    data_wait_fraction: float | None = None
+    """Share of the training time spent waiting for the next batch: near 0 when the data pipeline keeps up."""
+    max_epoch_start_wait: float | None = None
+    """Longest wait for the first batch of an epoch after the first (the stall at an epoch boundary), seconds."""
+
+    def speed_fields(self, global_batch_size: int) -> dict:
+        """The loop's speed as results keys: steady-state images per second over all processes, the share of time
+        spent waiting for data, and the longest stall at an epoch boundary."""
+        steady = self.steady_steps_per_second
+        return {
+            "train_samples_per_second": steady * global_batch_size if steady else None,
+            "train_data_wait_fraction": self.data_wait_fraction,
+            "train_max_epoch_start_wait": self.max_epoch_start_wait,
+        }
+
+
+class LoopClock:
+    """Where a training loop's time goes, without synchronising the device on every step.
+
+    Step times are host times: on a GPU the host runs ahead of the device, so they are only summed over spans that
+    end in a synchronisation (`epoch_end`, after the loss of the epoch has been read).
+    """
+
+    warmup_steps = 5
+    """Steps left out of the steady rate: compilation, allocator and cache warm-up happen there."""
+
+    def __init__(self):
+        self.steps = 0
+        self.steady_steps = 0
+        self.steady_seconds = 0.0
+        self.training_seconds = 0.0
+        self.data_wait = 0.0
+        self.epoch_start_waits: list[float] = []
+        self._last = time.perf_counter()
+
+    def batches(self, batches: Iterable, first_epoch: bool) -> Iterator:
+        """`batches`, timing each wait for the next one."""
+        self._last = time.perf_counter()  # evaluation between epochs is not training time
+        iterator = iter(batches)
+        waits = self.epoch_start_waits if not first_epoch else []
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - started
+            self.data_wait += waited
+            if waits is not None:
+                waits.append(waited)
+                waits = None
+            yield item
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        self._count(now)
+        self.steps += 1
+        if self.steps > self.warmup_steps:
+            self.steady_steps += 1
+
+    def epoch_end(self) -> None:
+        self._count(time.perf_counter())
+
+    def _count(self, now: float) -> None:
+        elapsed = now - self._last
+        self.training_seconds += elapsed
+        if self.steps >= self.warmup_steps:
+            self.steady_seconds += elapsed
+        self._last = now
 
 
 class TrainingLoop:
@@ -417,12 +532,12 @@ class TrainingLoop:
             desc="Training",
             disable=not accelerator.is_local_main_process,
         )
-        train_loss, epoch, started = float("nan"), self.start.epoch, time.perf_counter()
+        train_loss, epoch, started, clock = float("nan"), self.start.epoch, time.perf_counter(), LoopClock()
         try:
             for epoch in range(self.start.epoch, self.plan.num_train_epochs):
                 model.train()
                 loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
-                for batch_index, batch in self._epoch_batches(epoch):
+                for batch_index, batch in clock.batches(self._epoch_batches(epoch), epoch == self.start.epoch):
                     with accelerator.accumulate(model):
                         loss = compute_loss(batch)
                         accelerator.backward(loss)
@@ -436,6 +551,7 @@ class TrainingLoop:
                         continue
                     self.lr_scheduler.step()
                     completed_steps += 1
+                    clock.step_done()
                     bar.update(1)
                     steps = self.checkpointing_steps
                     if isinstance(steps, int) and completed_steps % steps == 0:
@@ -444,6 +560,7 @@ class TrainingLoop:
                     if completed_steps >= self.plan.max_train_steps:
                         break
                 train_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1)
+                clock.epoch_end()  # after `.item()`: the device has finished the epoch's steps
                 if self.checkpointing_steps == "epoch":
                     self._checkpoint(f"epoch_{epoch}", TrainingProgress(completed_steps, epoch + 1, 0))
                 if completed_steps >= self.plan.max_train_steps or epoch == self.plan.num_train_epochs - 1:
@@ -461,7 +578,15 @@ class TrainingLoop:
                 )
             raise
         bar.close()
-        return TrainingOutcome(train_loss, epoch + 1, completed_steps, time.perf_counter() - started)
+        return TrainingOutcome(
+            train_loss,
+            epoch + 1,
+            completed_steps,
+            time.perf_counter() - started,
+            steady_steps_per_second=clock.steady_steps / clock.steady_seconds if clock.steady_steps else None,
+            data_wait_fraction=clock.data_wait / clock.training_seconds if clock.training_seconds else None,
+            max_epoch_start_wait=max(clock.epoch_start_waits, default=None),
+        )
 
 
 # ------------------------------------------------------------------------------------------- end of a training run
@@ -522,6 +647,18 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--report_to", default="tensorboard", help="Tracker(s) for accelerate, or 'all'.")
 
 
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    """--torch_compile [BACKEND]: compile the model whole, once (see `setup_accelerator`)."""
+    parser.add_argument(
+        "--torch_compile",
+        nargs="?",
+        const="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="Compile the model with torch.compile (default backend: inductor): one graph for training and one for "
+        "evaluation, no recompilation afterwards (see modeling_pvt.training.compile_model).",
+    )
+
+
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     """--push_to_hub, --hub_model_id, --hub_token, --hub_private_repo."""
     group = parser.add_argument_group("hub")
@@ -541,12 +678,17 @@ __all__ = [
     "TrainingLoop",
     "TrainingOutcome",
     "TrainingProgress",
+    "LoopClock",
     "add_checkpoint_arguments",
+    "add_compile_argument",
     "add_hub_arguments",
     "build_eval_dataloader",
     "build_lr_scheduler",
     "build_train_dataloader",
+    "compile_model",
+    "compiled_graph_count",
     "cpu_only_host",
+    "is_compiled",
     "is_complete_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

@@ -35,6 +35,7 @@ from modeling_pvt.data import (
     DataArguments,
     ImageClassificationData,
     ImageClassificationDataset,
+    TrainBatchTransform,
     build_processor_transform,
     build_train_transform,
     collate_image_batch,
@@ -45,10 +46,13 @@ from modeling_pvt.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, write_
 from modeling_pvt.training import (
     TrainingLoop,
     add_checkpoint_arguments,
+    add_compile_argument,
     add_hub_arguments,
     build_eval_dataloader,
     build_lr_scheduler,
     build_train_dataloader,
+    compile_model,
+    compiled_graph_count,
     plan_steps,
     push_output_dir,
     save_trained_model,
@@ -172,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, argparse.N
         "--max_grad_norm", type=float, help="Gradient clipping; default 1.0 for medium/large, none otherwise."
     )
     training.add_argument("--seed", type=int, default=42)
+    add_compile_argument(parser)
     add_checkpoint_arguments(parser)
     add_hub_arguments(parser)
 
@@ -288,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     with accelerator.main_process_first():
         data = data_args.load()
     model, image_processor = build_model_and_processor(args, data)
+    compile_model(model, args.torch_compile)
     set_seed(args.seed, device_specific=True)
 
     train_dataset = ImageClassificationDataset(
@@ -296,10 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         data.label_column,
         build_train_transform(
             args.image_size,
-            image_processor.image_mean,
-            image_processor.image_std,
             rand_augment=args.rand_augment,
-            random_erasing=args.random_erasing,
             crop_scale=(args.min_crop_scale, 1.0),
             horizontal_flip=args.horizontal_flip,
         ),
@@ -334,9 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
         num_training_steps=plan.max_train_steps,
     )
     mixup, criterion = build_criterion(args, len(data.labels))
+    batch_transform = TrainBatchTransform(
+        image_processor.image_mean, image_processor.image_std, args.random_erasing, accelerator.device
+    )
 
     def compute_loss(batch: dict) -> torch.Tensor:
-        pixel_values, targets = batch["pixel_values"], batch["labels"]
+        pixel_values, targets = batch_transform(batch["pixel_values"]), batch["labels"]
         if mixup is not None:
             pixel_values, targets = mixup(pixel_values, targets)
         return criterion(model(pixel_values=pixel_values).logits.float(), targets)
@@ -394,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
         "completed_steps": outcome.completed_steps,
         "train_samples": len(train_dataset),
         "train_runtime": outcome.train_runtime,
+        **outcome.speed_fields(global_batch_size),
+        "torch_compile_graphs": compiled_graph_count(model),
         "total_runtime": time.perf_counter() - start_time,
         "num_processes": accelerator.num_processes,
         "global_batch_size": global_batch_size,

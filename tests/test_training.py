@@ -210,6 +210,27 @@ def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted_run, tmp_p
     assert all(torch.equal(reference[name], final[name]) for name in reference)
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_torch_compile_captures_one_graph_for_training_and_one_for_evaluation(tmp_path, processes):
+    """Mixup/CutMix and random erasing on, a loader worker, 3 epochs with an evaluation after each: nothing may
+    compile again. One process meets a last, smaller evaluation batch (21 images in batches of 4); two run DDP
+    (accelerate evens their batches out)."""
+    output_dir = tmp_path / "compiled"
+    arguments = [*TRAIN_ARGS, "--num_train_epochs", "3", "--output_dir", str(output_dir), "--torch_compile", "eager"]
+    single = [sys.executable, str(SCRIPTS / "train.py"), *arguments]
+    _run(_launch_command("train.py", *arguments) if processes == 2 else single)
+    results = _results(output_dir)
+    assert results["torch_compile_graphs"] == 2
+    assert results["completed_steps"] == 24 // processes and results["eval_samples"] == 21
+    digests = results["weights_sha256_per_rank"]
+    assert len(digests) == processes and len(set(digests)) == 1
+    # The saved weights carry the model's own names, not the compiled wrapper's.
+    model = PvtForImageClassification.from_pretrained(output_dir)
+    assert weights_digest(model) == digests[0]
+    assert 0.0 <= results["train_data_wait_fraction"] < 1.0 and results["train_samples_per_second"] > 0
+    assert results["train_max_epoch_start_wait"] >= 0.0
+
+
 def test_resume_rejects_incomplete_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / ".step_4.tmp").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
