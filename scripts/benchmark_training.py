@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Where training time goes: the data loader alone, the model's training step alone, and the real `train.py` loop.
+
+From a generated folder of photo-sized JPEGs (crops of scikit-image's photographs, 500x375, quality 90, so decoding
+costs what it costs on ImageNet), it measures, side by side in one run:
+
+- **loader**: images/s that `train.py`'s data pipeline delivers to the device (decode, the paper recipe's
+  augmentation in worker processes, uint8 batches copied to the device, normalised and erased there);
+- **model step**: images/s of the training step alone on a batch already on the device (`TrainBatchTransform`,
+  forward, loss, backward, AdamW), eager and under `torch.compile`;
+- **end to end**: the steady-state images/s that `scripts/train.py` itself reports on that folder over three epochs
+  with an evaluation after each, its share of time waiting for data, its longest stall at an epoch boundary and the
+  number of graphs torch.compile captured.
+
+The end-to-end figure can reach neither of the other two: whichever of them is lower is what limits it.
+
+    python scripts/benchmark_training.py                  # on a CPU: a small run (PVT-tiny, 64 px)
+    python scripts/benchmark_training.py --device cuda    # on a GPU: PVT-small, 224 px, bf16, batch 128
+
+It writes `benchmarks/training_<device>.json` and a chart `benchmarks/training_<device>.png`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
+from modeling_pvt.data import (
+    ImageClassificationDataset,
+    TrainBatchTransform,
+    build_train_transform,
+    collate_image_batch,
+    load_image_classification_data,
+)
+from modeling_pvt.training import build_train_dataloader, compile_model
+
+logger = logging.getLogger("benchmark_training")
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
+
+# Per device: what a user of that device would train. The CPU run is small so that it ends in minutes on 2 cores.
+DEFAULTS = {
+    "cpu": {"model_size": "tiny", "image_size": 64, "batch_size": 16, "num_images": 512, "num_workers": 1},
+    "cuda": {"model_size": "small", "image_size": 224, "batch_size": 128, "num_images": 8192, "num_workers": 15},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=sorted(DEFAULTS), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model_size", help="PVT size (default: tiny on CPU, small on GPU).")
+    parser.add_argument("--image_size", type=int)
+    parser.add_argument("--batch_size", type=int, help="Training batch size (the model step also runs at 2x).")
+    parser.add_argument("--num_images", type=int, help="Training JPEGs to generate (validation: 1/8 as many).")
+    parser.add_argument("--num_workers", type=int, help="Data-loader workers.")
+    parser.add_argument("--steps", type=int, default=30, help="Timed steps for the loader and the model step.")
+    parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="Also time torch.compile "
+                        "(auto: on GPUs only; inductor's CPU compile takes minutes on 2 cores).")  # fmt: skip
+    parser.add_argument("--data_dir", type=Path, help="Keep the generated JPEGs here (reused when present).")
+    parser.add_argument("--output", type=Path, help="Results JSON (default: benchmarks/training_<device>.json).")
+    parser.add_argument("--smoke", action="store_true", help="A few seconds' check of the machinery.")
+    args = parser.parse_args()
+    for name, value in DEFAULTS[args.device].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.smoke:
+        args.model_size, args.image_size, args.batch_size, args.num_images, args.steps = "tiny", 32, 4, 32, 3
+    args.compile = args.compile == "yes" or (args.compile == "auto" and args.device == "cuda")
+    args.output = args.output or REPO / "benchmarks" / f"training_{args.device}.json"
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def write_jpeg_folder(root: Path, num_images: int, num_classes: int = 10, seed: int = 0) -> None:
+    """`num_images` 500x375 JPEGs (quality 90) in `num_classes` class folders: random crops, scales, flips and
+    colour casts of scikit-image's photographs, so every file differs and decodes like a real photo."""
+    import skimage.data
+
+    photos = [getattr(skimage.data, name)() for name in PHOTOS]
+    generator = np.random.default_rng(seed)
+    for index in range(num_images):
+        photo = photos[index % len(photos)]
+        height, width = photo.shape[:2]
+        crop = int(min(height, width) * generator.uniform(0.5, 1.0))
+        top, left = generator.integers(0, height - crop + 1), generator.integers(0, width - crop + 1)
+        image = Image.fromarray(photo[top : top + crop, left : left + crop]).resize((500, 375), Image.BICUBIC)
+        pixels = np.asarray(image, dtype=np.float32) * generator.uniform(0.7, 1.3, size=3)
+        if generator.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        folder = root / f"class_{index % num_classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{index:06d}.jpg", quality=90)
+
+
+def prepare_folders(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path]:
+    root = args.data_dir or scratch / "jpegs"
+    train_dir, validation_dir = root / "train", root / "val"
+    if not train_dir.is_dir():
+        logger.info(f"Writing {args.num_images} training JPEGs to {train_dir}")
+        write_jpeg_folder(train_dir, args.num_images)
+        write_jpeg_folder(validation_dir, max(args.num_images // 8, 10), seed=1)
+    return train_dir, validation_dir
+
+
+# ------------------------------------------------------------------------------------------------- measurements
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_loader(args: argparse.Namespace, train_dir: Path, validation_dir: Path, device: torch.device) -> dict:
+    """Images/s of train.py's pipeline (paper recipe, same transform and loader) delivered normalised on `device`."""
+    data = load_image_classification_data(
+        train_dir=str(train_dir), validation_dir=str(validation_dir), check_images="none"
+    )
+    processor = PvtImageProcessor()
+    dataset = ImageClassificationDataset(
+        data.train, data.image_column, data.label_column, build_train_transform(args.image_size), "train", 0
+    )
+    loader = build_train_dataloader(dataset, args.batch_size, 0, collate_image_batch, args.num_workers)
+    batch_transform = TrainBatchTransform(processor.image_mean, processor.image_std, 0.25, device)
+    warmup = min(3, len(loader) // 2)
+    delivered, started = 0, None
+    epoch = 0
+    while delivered < args.steps:
+        dataset.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            pixel_values = batch_transform(batch["pixel_values"].to(device, non_blocking=True))
+            if started is None and index + 1 == warmup:
+                synchronize(device)
+                started = time.perf_counter()
+            elif started is not None:
+                delivered += 1
+                if delivered == args.steps:
+                    break
+        epoch += 1
+    del pixel_values
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"images_per_second": delivered * args.batch_size / seconds, "batches": delivered}
+
+
+def time_model_step(args: argparse.Namespace, device: torch.device, batch_size: int, backend: str | None) -> dict:
+    """Images/s of one training step on a uint8 batch already on `device` (bf16 autocast on a GPU)."""
+    config = PvtConfig.from_preset(args.model_size, image_size=args.image_size, num_labels=1000, drop_path_rate=0.1)
+    model = PvtForImageClassification(config).to(device).train()
+    compile_model(model, backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    processor = PvtImageProcessor()
+    batch_transform = TrainBatchTransform(processor.image_mean, processor.image_std, 0.25, device)
+    images = torch.randint(0, 256, (batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(pixel_values=batch_transform(images)).logits
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    compile_started = time.perf_counter()
+    for _ in range(3):
+        step()
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - compile_started
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return {
+        "images_per_second": args.steps * batch_size / seconds,
+        "batch_size": batch_size,
+        "warmup_seconds": warmup_seconds,
+    }
+
+
+def time_train_script(args: argparse.Namespace, train_dir: Path, validation_dir: Path, backend: str | None) -> dict:
+    """Run `scripts/train.py` (one process, the paper recipe, 3 epochs) and return what it measured of itself."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+        command += ["--mixed_precision", "bf16" if args.device == "cuda" else "no", "--dynamo_backend", "no"]
+        command += [str(REPO / "scripts" / "train.py"), "--output_dir", output_dir, "--image_check", "none"]
+        command += ["--train_dir", str(train_dir), "--validation_dir", str(validation_dir)]
+        command += ["--model_size", args.model_size, "--image_size", str(args.image_size), "--num_train_epochs", "3"]
+        command += ["--per_device_train_batch_size", str(args.batch_size), "--num_workers", str(args.num_workers)]
+        command += ["--per_device_eval_batch_size", str(args.batch_size)]
+        if backend:
+            command += ["--torch_compile", backend]
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        started = time.perf_counter()
+        completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise RuntimeError(f"train.py failed:\n{completed.stderr[-4000:]}")
+        results = json.loads((Path(output_dir) / "all_results.json").read_text())
+    keys = ("train_samples_per_second", "train_data_wait_fraction", "train_max_epoch_start_wait")
+    return {
+        "images_per_second": results["train_samples_per_second"],
+        **{key: results[key] for key in keys[1:]},
+        "torch_compile_graphs": results["torch_compile_graphs"],
+        "completed_steps": results["completed_steps"],
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def machine(device: torch.device) -> dict:
+    description = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg()[0],
+    }
+    try:
+        description["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
+    return description
+
+
+def draw_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["rows"])
+    values = [report["rows"][name]["images_per_second"] for name in names]
+    figure, axes = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    axes.barh(names[::-1], values[::-1], color="#4c72b0")
+    for position, value in enumerate(values[::-1]):
+        axes.text(value, position, f" {value:,.0f}", va="center")
+    setup = report["setup"]
+    where = report["machine"].get("gpu") or f"{report['machine']['cpu']} ({report['machine']['cpu_capability']})"
+    axes.set_title(f"PVT-{setup['model_size']} {setup['image_size']}px, batch {setup['batch_size']}: {where}")
+    axes.set_xlabel("images / second")
+    axes.set_xlim(0, max(values) * 1.25)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args()
+    device = torch.device(args.device)
+    backends = [None, "inductor"] if args.compile else [None]
+    report = {
+        "machine": machine(device),
+        "setup": {name: getattr(args, name) for name in ("model_size", "image_size", "batch_size", "num_workers")},
+        "rows": {},
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        train_dir, validation_dir = prepare_folders(args, Path(scratch))
+        rows = report["rows"]
+        rows["data loader alone"] = time_loader(args, train_dir, validation_dir, device)
+        logger.info(f"loader: {rows['data loader alone']}")
+        for backend in backends:
+            mode = "compiled" if backend else "eager"
+            for batch_size in (args.batch_size, 2 * args.batch_size):
+                name = f"model step alone, {mode}, batch {batch_size}"
+                rows[name] = time_model_step(args, device, batch_size, backend)
+                logger.info(f"{name}: {rows[name]}")
+            name = f"train.py end to end, {mode}"
+            rows[name] = time_train_script(args, train_dir, validation_dir, backend)
+            logger.info(f"{name}: {rows[name]}")
+    if args.smoke:
+        print(json.dumps(report, indent=2))
+        return
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    draw_chart(report, args.output.with_suffix(".png"))
+    logger.info(f"Wrote {args.output} and {args.output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
