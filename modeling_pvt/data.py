@@ -23,6 +23,7 @@ import io
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -139,16 +140,21 @@ class DataArguments:
         return self.dataset_name is None and self.train_dir is None and self.validation_dir is None
 
     def load(self) -> ImageClassificationData:
-        """`load_image_classification_data` with these options, for command-line scripts: a `DataError` ends the
-        process with its message instead of a traceback."""
+        """`load_image_classification_data` with these options."""
         options = {item.name: getattr(self, item.name) for item in fields(self)}
         options["validation_split_name"] = options.pop("split")
         options["check_images"] = options.pop("image_check")
         options["num_proc"] = options.pop("preprocessing_num_workers")
-        try:
-            return load_image_classification_data(**options)
-        except DataError as error:
-            raise SystemExit(f"Data error: {error}") from error
+        return load_image_classification_data(**options)
+
+
+@contextmanager
+def exit_on_data_error():
+    """For command-line scripts: a `DataError` in the block ends the process with its message, not a traceback."""
+    try:
+        yield
+    except DataError as error:
+        raise SystemExit(f"Data error: {error}") from error
 
 
 def load_digits_dataset() -> datasets.Dataset:

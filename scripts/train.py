@@ -38,6 +38,7 @@ from modeling_pvt.data import (
     build_processor_transform,
     build_train_transform,
     collate_image_batch,
+    exit_on_data_error,
 )
 from modeling_pvt.evaluation import evaluate_classifier
 from modeling_pvt.model_card import render_trained_card
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Same weights on every rank from the start; then per-rank seeds, so Mixup and stochastic depth differ by rank.
     set_seed(args.seed)
-    with accelerator.main_process_first():
+    with accelerator.main_process_first(), exit_on_data_error():
         data = data_args.load()
     model, image_processor = build_model_and_processor(args, data)
     set_seed(args.seed, device_specific=True)
