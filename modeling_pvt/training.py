@@ -443,7 +443,9 @@ class TrainingLoop:
                         self._checkpoint(f"step_{completed_steps}", position)
                     if completed_steps >= self.plan.max_train_steps:
                         break
-                train_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1)
+                # Every rank runs as many batches: the reduction is collective, and an epoch resumed at its very end
+                # has no batches, hence no loss.
+                train_loss = accelerator.reduce(loss_sum, "mean").item() / loss_count if loss_count else float("nan")
                 if self.checkpointing_steps == "epoch":
                     self._checkpoint(f"epoch_{epoch}", TrainingProgress(completed_steps, epoch + 1, 0))
                 if completed_steps >= self.plan.max_train_steps or epoch == self.plan.num_train_epochs - 1:
