@@ -437,6 +437,7 @@ def decode_image(value: dict | None, description: str) -> Image.Image:
         raise UnreadableImageError(f"Cannot decode image {description}: {type(error).__name__}: {error}") from error
 
 
+@dataclass
 class ImageClassificationDataset(EpochSeededDataset):
     """A map-style torch dataset: decodes, converts to RGB and transforms images into `pixel_values`, `labels`.
 
@@ -444,21 +445,12 @@ class ImageClassificationDataset(EpochSeededDataset):
     sample's index (see `EpochSeededDataset`).
     """
 
-    def __init__(
-        self,
-        dataset: datasets.Dataset,
-        image_column: str,
-        label_column: str,
-        transform: Callable[[Image.Image], torch.Tensor],
-        split: str,
-        augmentation_seed: int | None = None,
-    ):
-        super().__init__(augmentation_seed)
-        self.dataset = dataset
-        self.image_column = image_column
-        self.label_column = label_column
-        self.transform = transform
-        self.split = split
+    dataset: datasets.Dataset
+    image_column: str
+    label_column: str
+    transform: Callable[[Image.Image], torch.Tensor]
+    split: str
+    augmentation_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)

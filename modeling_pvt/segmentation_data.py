@@ -233,6 +233,7 @@ def train_transform(image_size: int, ignore_index: int) -> v2.Compose:
     )
 
 
+@dataclass
 class SegmentationDataset(EpochSeededDataset):
     """`pixel_values` and `labels` (class ids, checked against `num_labels`) of each pair.
 
@@ -241,23 +242,13 @@ class SegmentationDataset(EpochSeededDataset):
     its own size, so scores are taken at the mask's resolution.
     """
 
-    def __init__(
-        self,
-        pairs: datasets.Dataset,
-        num_labels: int,
-        ignore_index: int,
-        reduce_labels: bool,
-        processor: SegformerImageProcessor,
-        augment: Callable | None = None,
-        augmentation_seed: int | None = None,
-    ):
-        super().__init__(augmentation_seed)
-        self.pairs = pairs
-        self.num_labels = num_labels
-        self.ignore_index = ignore_index
-        self.reduce_labels = reduce_labels
-        self.processor = processor
-        self.augment = augment
+    pairs: datasets.Dataset
+    num_labels: int
+    ignore_index: int
+    reduce_labels: bool
+    processor: SegformerImageProcessor
+    augment: Callable | None = None
+    augmentation_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -58,11 +58,11 @@ from accelerate.utils import set_seed
 from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
 import modeling_pvt  # noqa: F401  (registers the pvt backbone with the Auto classes)
-from modeling_pvt import PVT_PRESETS, PvtBackbone, PvtConfig
+from modeling_pvt import PVT_PRESETS, PvtBackbone, PvtConfig, training
 from modeling_pvt.data import exit_on_data_error
 from modeling_pvt.evaluation import evaluate_segmentation
 from modeling_pvt.model_card import render_trained_card
-from modeling_pvt.results import RESULTS_FILE_NAME, SEMANTIC_SEGMENTATION, write_results
+from modeling_pvt.results import SEMANTIC_SEGMENTATION
 from modeling_pvt.segmentation_data import (
     MASK_COLUMN_CANDIDATES,
     SegmentationData,
@@ -74,21 +74,21 @@ from modeling_pvt.segmentation_data import (
     make_collate_eval,
     train_transform,
 )
-from modeling_pvt.training import (
-    TrainingLoop,
-    add_checkpoint_arguments,
-    add_hub_arguments,
-    build_eval_dataloader,
-    build_lr_scheduler,
-    build_train_dataloader,
-    plan_steps,
-    push_output_dir,
-    save_trained_model,
-    setup_accelerator,
-)
 
 logger = get_logger(__name__)
 
+# Options passed to `load_segmentation_data` under their own names.
+DATA_OPTIONS = (
+    "dataset_name",
+    "dataset_config_name",
+    "train_dir",
+    "validation_dir",
+    "train_val_split",
+    "image_column_name",
+    "label_column_name",
+    "max_train_samples",
+    "max_eval_samples",
+)
 CARD_SETTINGS = (
     "image_size",
     "num_train_epochs",
@@ -154,22 +154,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Keep per-GPU BatchNorm statistics in the heads (the default synchronises them on multi-GPU runs).",
     )
 
-    training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", required=True)
-    training.add_argument("--image_size", type=int, default=512, help="Training crop and evaluation size (square).")
-    training.add_argument("--per_device_train_batch_size", type=int, default=4)
-    training.add_argument("--per_device_eval_batch_size", type=int, default=4)
-    training.add_argument("--learning_rate", type=float, default=1e-4)
-    training.add_argument("--weight_decay", type=float, default=1e-4)
-    training.add_argument("--num_train_epochs", type=int, default=10)
-    training.add_argument("--max_train_steps", type=int, help="Stop after this many optimiser steps.")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--lr_scheduler_type", default="polynomial", help="A transformers scheduler name.")
-    training.add_argument("--poly_power", type=float, default=0.9, help="Power of the polynomial schedule.")
-    training.add_argument("--num_warmup_steps", type=int, default=0)
-    training.add_argument("--seed", type=int, default=42)
-    add_checkpoint_arguments(parser)
-    add_hub_arguments(parser)
+    schedule = parser.add_argument_group("training")
+    schedule.add_argument("--output_dir", required=True)
+    schedule.add_argument("--image_size", type=int, default=512, help="Training crop and evaluation size (square).")
+    schedule.add_argument("--per_device_train_batch_size", type=int, default=4)
+    schedule.add_argument("--per_device_eval_batch_size", type=int, default=4)
+    schedule.add_argument("--learning_rate", type=float, default=1e-4)
+    schedule.add_argument("--weight_decay", type=float, default=1e-4)
+    schedule.add_argument("--num_train_epochs", type=int, default=10)
+    schedule.add_argument("--max_train_steps", type=int, help="Stop after this many optimiser steps.")
+    schedule.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    schedule.add_argument("--lr_scheduler_type", default="polynomial", help="A transformers scheduler name.")
+    schedule.add_argument("--poly_power", type=float, default=0.9, help="Power of the polynomial schedule.")
+    schedule.add_argument("--num_warmup_steps", type=int, default=0)
+    schedule.add_argument("--seed", type=int, default=42)
+    training.add_checkpoint_arguments(parser)
+    training.add_hub_arguments(parser)
     args = parser.parse_args(argv)
 
     if (args.dataset_name is None) == (args.train_dir is None):
@@ -235,14 +235,14 @@ def build_model(args: argparse.Namespace, labels: list[str]) -> UperNetForSemant
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def write_model_card(output_dir: Path, args: argparse.Namespace, data: SegmentationData, results: dict) -> None:
+def model_card(args: argparse.Namespace, data: SegmentationData, results: dict) -> str:
     backbone = args.backbone_name_or_path or args.model_name_or_path or f"PVT-{args.model_size} (random weights)"
     per_class = ", ".join(
         f"{name} {score:.3f}" if not math.isnan(score) else f"{name} n/a"
         for name, score in results["eval_per_category_iou"].items()
     )
-    card = render_trained_card(
-        repo_id=args.hub_model_id or output_dir.resolve().name,
+    return render_trained_card(
+        repo_id=args.hub_model_id or Path(args.output_dir).resolve().name,
         task=SEMANTIC_SEGMENTATION,
         title=f"UperNet + PVT on {data.name}",
         summary="A semantic-segmentation model: UperNet (transformers) on a Pyramid Vision Transformer backbone "
@@ -258,32 +258,15 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, data: Segmentat
         base_model=args.backbone_name_or_path or args.model_name_or_path,
         tags=("upernet", "semantic-segmentation"),
     )
-    (output_dir / "README.md").write_text(card)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    accelerator = setup_accelerator(
-        output_dir,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to if args.with_tracking else None,
-    )
+    accelerator = training.setup_training(args)
     set_seed(args.seed)
     # The main process reads (and caches) first; the others reuse its work.
     with accelerator.main_process_first(), exit_on_data_error():
-        data = load_segmentation_data(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_dir=args.train_dir,
-            validation_dir=args.validation_dir,
-            train_val_split=args.train_val_split,
-            image_column_name=args.image_column_name,
-            label_column_name=args.label_column_name,
-            split_seed=args.seed,
-            max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples,
-        )
+        data = load_segmentation_data(split_seed=args.seed, **{name: getattr(args, name) for name in DATA_OPTIONS})
         labels = class_names(data.train, args.labels_file, args.num_labels, args.reduce_labels, args.ignore_index)
     logger.info(
         f"{len(data.train)} training and {len(data.validation)} validation pairs from {data.name}; "
@@ -300,10 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     eval_dataset = SegmentationDataset(data.validation, processor=processor, **pairs)
     # Incomplete batches are dropped: a batch of one sample breaks the heads' BatchNorm on the 1x1 pooled map.
-    train_dataloader = build_train_dataloader(
+    train_dataloader = training.build_train_dataloader(
         train_dataset, args.per_device_train_batch_size, args.seed, collate_train, args.dataloader_num_workers
     )
-    eval_dataloader = build_eval_dataloader(
+    eval_dataloader = training.build_eval_dataloader(
         eval_dataset,
         args.per_device_eval_batch_size,
         make_collate_eval(args.ignore_index),
@@ -317,11 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )
-    plan = plan_steps(
+    plan = training.plan_steps(
         len(train_dataloader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps
     )
     scheduler_options = {"power": args.poly_power} if args.lr_scheduler_type == "polynomial" else {}
-    lr_scheduler = build_lr_scheduler(
+    lr_scheduler = training.build_lr_scheduler(
         accelerator,
         optimizer,
         args.lr_scheduler_type,
@@ -345,62 +328,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.with_tracking:
         accelerator.init_trackers("train_segmentation", {k: v for k, v in vars(args).items() if v is not None})
-    loop = TrainingLoop(
-        accelerator,
-        model,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        plan,
-        output_dir,
-        processor,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
-    )
-    loop.resume(args.resume_from_checkpoint)
+    loop = training.TrainingLoop(accelerator, model, optimizer, lr_scheduler, train_dataloader, plan, processor, args)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"{plan.num_train_epochs} epoch(s), {plan.max_train_steps} optimizer steps, global batch {global_batch}."
     )
     outcome = loop.run(lambda batch: model(**batch).loss, evaluate)
 
-    # Save first: everything after this point can fail without losing the trained model.
-    save_trained_model(accelerator, model, processor, output_dir)
-    try:
-        scores = evaluate(outcome.epochs - 1, outcome.train_loss, outcome.completed_steps)
-    except BaseException:
-        logger.error(f"The final evaluation failed; the trained model is saved in {output_dir}.")
-        raise
+    _, scores = training.save_and_evaluate(
+        accelerator,
+        model,
+        processor,
+        args.output_dir,
+        lambda: evaluate(outcome.epochs - 1, outcome.train_loss, outcome.completed_steps),
+    )
     results = {
         **scores,
         **data.results_fields(),
-        "train_loss": outcome.train_loss,
-        "epoch": outcome.epochs,
-        "completed_steps": outcome.completed_steps,
+        **outcome.results_fields(),
         "train_samples": len(train_dataset),
-        "train_runtime": outcome.train_runtime,
         "num_labels": len(labels),
         "ignore_index": args.ignore_index,
         "image_size": args.image_size,
-        "num_processes": accelerator.num_processes,
         "history": history,
     }
-    if accelerator.is_main_process:
-        write_results(output_dir / RESULTS_FILE_NAME, results)
-        write_model_card(output_dir, args, data, results)
-        if args.push_to_hub:
-            try:
-                repo_id = push_output_dir(
-                    output_dir,
-                    args.hub_model_id,
-                    args.hub_token,
-                    args.hub_private_repo,
-                    "scripts/train_segmentation.py",
-                )
-            except Exception:
-                logger.error(f"Pushing to the Hub failed; the model and results are saved in {output_dir}.")
-                raise
-            logger.info(f"Pushed {output_dir} to {repo_id}")
+    training.publish_run(accelerator, args, results, model_card(args, data, results), "scripts/train_segmentation.py")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
