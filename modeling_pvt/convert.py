@@ -102,27 +102,20 @@ def _target_shapes(config: PvtConfig) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in build_on_meta(config).state_dict().items()}
 
 
-def conversion_plan(config: PvtConfig) -> dict[str, OriginalSource]:
-    """For every key of `PvtForImageClassification(config)`'s state dict, the original key it comes from."""
-    return {target_key: original_source(target_key, config) for target_key in _target_shapes(config)}
-
-
-def _original_shapes(
-    plan: dict[str, OriginalSource], target_shapes: dict[str, tuple[int, ...]]
-) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for target_key, source in plan.items():
-        shape = target_shapes[target_key]
+def _conversion_plan(config: PvtConfig) -> tuple[dict[str, OriginalSource], dict[str, tuple[int, ...]]]:
+    """For every key of `PvtForImageClassification(config)`'s state dict, the original key it comes from; and the
+    shape of every original key."""
+    plan, original_shapes = {}, {}
+    for target_key, shape in _target_shapes(config).items():
+        source = plan[target_key] = original_source(target_key, config)
         # Keys and values are stacked along the output dimension of `attn.kv`.
-        shapes[source.key] = shape if source.half is None else (2 * shape[0], *shape[1:])
-    return shapes
+        original_shapes[source.key] = shape if source.half is None else (2 * shape[0], *shape[1:])
+    return plan, original_shapes
 
 
 def expected_original_shapes(config: PvtConfig) -> dict[str, tuple[int, ...]]:
     """The key layout and shapes an original checkpoint of this configuration has."""
-    target_shapes = _target_shapes(config)
-    plan = {target_key: original_source(target_key, config) for target_key in target_shapes}
-    return _original_shapes(plan, target_shapes)
+    return _conversion_plan(config)[1]
 
 
 def _checkpoint_depths(keys: list[str]) -> list[int]:
@@ -160,9 +153,7 @@ def convert_original_state_dict(
     non_tensors = sorted(key for key, value in original_state_dict.items() if not isinstance(value, torch.Tensor))
     if non_tensors:
         raise CheckpointConversionError(_format_keys("Entries of the state dict that are not tensors", non_tensors))
-    target_shapes = _target_shapes(config)
-    plan = {target_key: original_source(target_key, config) for target_key in target_shapes}
-    expected_shapes = _original_shapes(plan, target_shapes)
+    plan, expected_shapes = _conversion_plan(config)
     unknown = sorted(set(original_state_dict) - set(expected_shapes))
     missing = sorted(set(expected_shapes) - set(original_state_dict))
     mismatched = sorted(
@@ -318,7 +309,6 @@ __all__ = [
     "CheckpointConversionError",
     "OriginalSource",
     "UnsafeCheckpointError",
-    "conversion_plan",
     "convert_checkpoint",
     "convert_original_state_dict",
     "expected_original_shapes",

@@ -23,6 +23,7 @@ import io
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -139,16 +140,21 @@ class DataArguments:
         return self.dataset_name is None and self.train_dir is None and self.validation_dir is None
 
     def load(self) -> ImageClassificationData:
-        """`load_image_classification_data` with these options, for command-line scripts: a `DataError` ends the
-        process with its message instead of a traceback."""
+        """`load_image_classification_data` with these options."""
         options = {item.name: getattr(self, item.name) for item in fields(self)}
         options["validation_split_name"] = options.pop("split")
         options["check_images"] = options.pop("image_check")
         options["num_proc"] = options.pop("preprocessing_num_workers")
-        try:
-            return load_image_classification_data(**options)
-        except DataError as error:
-            raise SystemExit(f"Data error: {error}") from error
+        return load_image_classification_data(**options)
+
+
+@contextmanager
+def exit_on_data_error():
+    """For command-line scripts: a `DataError` in the block ends the process with its message, not a traceback."""
+    try:
+        yield
+    except DataError as error:
+        raise SystemExit(f"Data error: {error}") from error
 
 
 def load_digits_dataset() -> datasets.Dataset:
@@ -431,6 +437,7 @@ def decode_image(value: dict | None, description: str) -> Image.Image:
         raise UnreadableImageError(f"Cannot decode image {description}: {type(error).__name__}: {error}") from error
 
 
+@dataclass
 class ImageClassificationDataset(EpochSeededDataset):
     """A map-style torch dataset: decodes, converts to RGB and transforms images into `pixel_values`, `labels`.
 
@@ -438,21 +445,12 @@ class ImageClassificationDataset(EpochSeededDataset):
     sample's index (see `EpochSeededDataset`).
     """
 
-    def __init__(
-        self,
-        dataset: datasets.Dataset,
-        image_column: str,
-        label_column: str,
-        transform: Callable[[Image.Image], torch.Tensor],
-        split: str,
-        augmentation_seed: int | None = None,
-    ):
-        super().__init__(augmentation_seed)
-        self.dataset = dataset
-        self.image_column = image_column
-        self.label_column = label_column
-        self.transform = transform
-        self.split = split
+    dataset: datasets.Dataset
+    image_column: str
+    label_column: str
+    transform: Callable[[Image.Image], torch.Tensor]
+    split: str
+    augmentation_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -9,8 +9,8 @@ convolutions), every linear layer (query, key, value, attention output, MLP, cla
 matrix products (Q K^T and softmax(.) V). Bias additions, LayerNorms, GELUs, softmaxes, position-embedding
 additions and residual additions are not counted. We measure it with `torch.utils.flop_counter.FlopCounterMode` on a
 forward pass of `PvtForImageClassification` built on the `meta` device (no memory, no initialisation) and divide
-its FLOPs by two (it counts a multiply-add as two FLOPs). FlopCounterMode misses the CPU fused attention kernel and
-the in-place matrix products (`addmm_`, `baddbmm_`) that inference fast paths use, so formulas for those are added.
+its FLOPs by two (it counts a multiply-add as two FLOPs). FlopCounterMode misses the CPU fused attention kernel, so a
+formula for it is added.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .configuration_pvt import PVT_PRESETS, PvtConfig
+from .configuration_pvt import PvtConfig
 
 ImageSize = int | Sequence[int]
 
@@ -104,22 +104,8 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    # `addmm_` (accumulate a matrix product into an existing tensor) is what inference fast paths use to fuse a bias
-    # and a residual into a linear layer; FlopCounterMode only knows the out-of-place `addmm`.
-    rows, inner = a_shape
-    return 2 * rows * inner * b_shape[1]
-
-
-def _inplace_baddbmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    batch, rows, inner = a_shape
-    return 2 * batch * rows * inner * b_shape[2]
-
-
 _EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten.addmm_: _inplace_addmm_flops,
-    torch.ops.aten.baddbmm_: _inplace_baddbmm_flops,
 }
 
 # Operators that compute the attention products (Q K^T, attention x V) rather than a linear layer or a convolution.
@@ -127,7 +113,6 @@ ATTENTION_OPERATORS = frozenset(
     {
         "aten.bmm",
         "aten.baddbmm",
-        "aten.baddbmm_",
         "aten._scaled_dot_product_flash_attention_for_cpu",
         "aten._scaled_dot_product_flash_attention",
         "aten._scaled_dot_product_efficient_attention",
@@ -230,11 +215,6 @@ def format_giga(count: int) -> str:
     return f"{count / 1e9:.1f}G"
 
 
-def preset_names() -> list[str]:
-    """The paper's sizes in order of growth."""
-    return list(PVT_PRESETS)
-
-
 __all__ = [
     "ATTENTION_OPERATORS",
     "PAPER_REPORTED",
@@ -250,5 +230,4 @@ __all__ = [
     "format_millions",
     "model_facts",
     "multiply_adds_by_operator",
-    "preset_names",
 ]

@@ -41,24 +41,16 @@ class Task:
 
 
 IMAGE_CLASSIFICATION = Task(
-    pipeline_tag="image-classification",
-    name="Image Classification",
-    auto_class="AutoModelForImageClassification",
-    metrics=(
-        Metric("eval_accuracy", "accuracy", "Top-1 accuracy"),
-        Metric("eval_top5_accuracy", "top_5_accuracy", "Top-5 accuracy", required=False),
-    ),
-)
+    "image-classification", "Image Classification", "AutoModelForImageClassification",
+    (Metric("eval_accuracy", "accuracy", "Top-1 accuracy"),
+     Metric("eval_top5_accuracy", "top_5_accuracy", "Top-5 accuracy", required=False)),
+)  # fmt: skip
 SEMANTIC_SEGMENTATION = Task(
-    pipeline_tag="image-segmentation",
-    name="Semantic Segmentation",
-    auto_class="AutoModelForSemanticSegmentation",
-    metrics=(
-        Metric("eval_mean_iou", "mean_iou", "Mean IoU"),
-        Metric("eval_mean_accuracy", "mean_accuracy", "Mean class accuracy", required=False),
-        Metric("eval_overall_accuracy", "accuracy", "Pixel accuracy", required=False),
-    ),
-)
+    "image-segmentation", "Semantic Segmentation", "AutoModelForSemanticSegmentation",
+    (Metric("eval_mean_iou", "mean_iou", "Mean IoU"),
+     Metric("eval_mean_accuracy", "mean_accuracy", "Mean class accuracy", required=False),
+     Metric("eval_overall_accuracy", "accuracy", "Pixel accuracy", required=False)),
+)  # fmt: skip
 
 
 def dataset_fields(dataset_name: str, dataset_config_name: str | None, split: str) -> dict:

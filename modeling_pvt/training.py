@@ -11,8 +11,8 @@ Task-agnostic: a script builds its model, data and loss, and this module does th
 - `TrainingLoop`: epochs of accumulated optimizer steps with gradient clipping, checkpoints every N steps or every
   epoch (written to a hidden folder and renamed into place when complete), bit-exact resume from any of them, and the
   weights trained so far saved to `interrupted_model/` when training fails.
-- `add_checkpoint_arguments`, `add_hub_arguments`, `save_trained_model`, `push_output_dir`: the shared command-line
-  options and the end of a run.
+- `setup_training`, `add_checkpoint_arguments`, `add_hub_arguments`, `save_and_evaluate`, `publish_run`: the
+  shared command-line options, and the end of a run (save, evaluate, results, card, upload).
 """
 
 import argparse
@@ -39,6 +39,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_ob
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .results import RESULTS_FILE_NAME, write_results
 from .runtime import configure_allocator
 
 logger = get_logger(__name__)
@@ -130,22 +131,24 @@ def seeded_random_state(seed: int):
 
 
 class EpochSeededDataset(torch.utils.data.Dataset):
-    """Base of the training datasets: `augmentation(index)` makes the random augmentation of sample `index` in the
-    epoch set by `set_epoch` a pure function of (`augmentation_seed`, epoch, index), whatever the number of workers,
-    the rank that loads the sample, or an interruption and resume. Without a seed it draws from the global state."""
+    """Base of the training datasets (dataclasses with an `augmentation_seed` field): `augmentation(index)` makes the
+    random augmentation of sample `index` in the epoch set by `set_epoch` a pure function of (`augmentation_seed`,
+    epoch, index), whatever the number of workers, the rank that loads the sample, or an interruption and resume.
+    Without a seed it draws from the global random state."""
 
-    def __init__(self, augmentation_seed: int | None = None):
-        self.augmentation_seed = augmentation_seed
-        # In shared memory: persistent data-loader workers hold a copy of the dataset made when they started, and
-        # must still see the epoch the main process sets before each new pass.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+    augmentation_seed: int | None = None
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch)
+        shared = self.__dict__.get("_shared_epoch")
+        return 0 if shared is None else int(shared)
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
+        # Persistent data-loader workers keep the copy of the dataset made when they started, so the epoch lives in
+        # shared memory, made at the first call (the training loop makes it before any worker starts).
+        if "_shared_epoch" not in self.__dict__:
+            self._shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._shared_epoch.fill_(epoch)
 
     @contextmanager
     def augmentation(self, index: int):
@@ -392,6 +395,7 @@ class TrainingOutcome:
     """Epochs run, counting the one the loop stopped in."""
     completed_steps: int
     train_runtime: float
+    num_processes: int
     steady_steps_per_second: float | None = None
     """Optimizer steps per second after the first `LoopClock.warmup_steps` of the run, evaluation left out."""
     data_wait_fraction: float | None = None
@@ -399,15 +403,25 @@ class TrainingOutcome:
     max_epoch_start_wait: float | None = None
     """Longest wait for the first batch of an epoch after the first (the stall at an epoch boundary), seconds."""
 
-    def speed_fields(self, global_batch_size: int) -> dict:
-        """The loop's speed as results keys: steady-state images per second over all processes, the share of time
-        spent waiting for data, and the longest stall at an epoch boundary."""
-        steady = self.steady_steps_per_second
+    def results_fields(self) -> dict:
+        """What a results file says about the training run (see `modeling_pvt.results`): its length, and its speed:
+        steady-state samples per second on one process (`train_samples_per_second` multiplies by the processes' batch),
+        the share of time spent waiting for data, and the longest stall at an epoch boundary."""
         return {
-            "train_samples_per_second": steady * global_batch_size if steady else None,
+            "train_loss": self.train_loss,
+            "epoch": self.epochs,
+            "completed_steps": self.completed_steps,
+            "train_runtime": self.train_runtime,
+            "num_processes": self.num_processes,
+            "train_steps_per_second": self.steady_steps_per_second,
             "train_data_wait_fraction": self.data_wait_fraction,
             "train_max_epoch_start_wait": self.max_epoch_start_wait,
         }
+
+    def samples_per_second(self, global_batch_size: int) -> float | None:
+        """Steady-state training samples per second over all processes (`train_samples_per_second`)."""
+        steps = self.steady_steps_per_second
+        return steps * global_batch_size if steps else None
 
 
 class LoopClock:
@@ -448,8 +462,7 @@ class LoopClock:
             yield item
 
     def step_done(self) -> None:
-        now = time.perf_counter()
-        self._count(now)
+        self._count(time.perf_counter())
         self.steps += 1
         if self.steps > self.warmup_steps:
             self.steady_steps += 1
@@ -468,9 +481,10 @@ class LoopClock:
 class TrainingLoop:
     """Epochs of optimizer steps over a prepared model, optimizer and loader (see the module docstring).
 
-    `checkpointing_steps` is an int (every N optimizer steps), "epoch" or None. `resume_from` ("latest" or a folder)
-    restores a checkpoint before the first step. The model of the last epoch is not evaluated by `run`: the script
-    saves it first, so a failing evaluation loses nothing.
+    `args` holds the script's options: `output_dir` and those of `add_checkpoint_arguments` (`checkpointing_steps`:
+    every N optimizer steps, "epoch" or None; `checkpoints_total_limit`; `resume_from_checkpoint`: "latest", a folder
+    or None, restored before the first step). The model of the last epoch is not evaluated by `run`: the script saves
+    it first (`save_and_evaluate`), so a failing evaluation loses nothing.
     """
 
     def __init__(
@@ -481,11 +495,9 @@ class TrainingLoop:
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
         train_dataloader: torch.utils.data.DataLoader,
         plan: StepPlan,
-        output_dir: Path,
         processor,
+        args: argparse.Namespace,
         max_grad_norm: float | None = None,
-        checkpointing_steps: int | str | None = None,
-        checkpoints_total_limit: int | None = None,
     ):
         self.accelerator = accelerator
         self.model = model
@@ -493,17 +505,13 @@ class TrainingLoop:
         self.lr_scheduler = lr_scheduler
         self.train_dataloader = train_dataloader
         self.plan = plan
-        self.output_dir = Path(output_dir)
         self.processor = processor
+        self.output_dir = Path(args.output_dir)
+        self.checkpointing_steps = args.checkpointing_steps
+        self.checkpoints_total_limit = args.checkpoints_total_limit
+        self.resume_from = args.resume_from_checkpoint
         self.max_grad_norm = max_grad_norm
-        self.checkpointing_steps = checkpointing_steps
-        self.checkpoints_total_limit = checkpoints_total_limit
         self.start = TrainingProgress()
-
-    def resume(self, resume_from: str | None) -> None:
-        """Continue from a checkpoint ("latest" or a folder; nothing when None) at the first `run`."""
-        if resume_from:
-            self.start = load_checkpoint(self.accelerator, resume_from, self.output_dir)
 
     def _checkpoint(self, name: str, progress: TrainingProgress) -> None:
         save_checkpoint(self.accelerator, self.output_dir, name, progress, self.checkpoints_total_limit)
@@ -525,6 +533,8 @@ class TrainingLoop:
         `on_epoch_end(epoch, train_loss, completed_steps)` runs after every epoch but the last (evaluation, logging).
         """
         accelerator, model = self.accelerator, self.model
+        if self.resume_from:
+            self.start = load_checkpoint(accelerator, self.resume_from, self.output_dir)
         completed_steps = self.start.completed_steps
         bar = tqdm(
             total=self.plan.max_train_steps,
@@ -559,7 +569,9 @@ class TrainingLoop:
                         self._checkpoint(f"step_{completed_steps}", position)
                     if completed_steps >= self.plan.max_train_steps:
                         break
-                train_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1)
+                # Every rank runs as many batches: the reduction is collective, and an epoch resumed at its very end
+                # has no batches, hence no loss.
+                train_loss = accelerator.reduce(loss_sum, "mean").item() / loss_count if loss_count else float("nan")
                 clock.epoch_end()  # after `.item()`: the device has finished the epoch's steps
                 if self.checkpointing_steps == "epoch":
                     self._checkpoint(f"epoch_{epoch}", TrainingProgress(completed_steps, epoch + 1, 0))
@@ -583,6 +595,7 @@ class TrainingLoop:
             epoch + 1,
             completed_steps,
             time.perf_counter() - started,
+            accelerator.num_processes,
             steady_steps_per_second=clock.steady_steps / clock.steady_seconds if clock.steady_steps else None,
             data_wait_fraction=clock.data_wait / clock.training_seconds if clock.training_seconds else None,
             max_epoch_start_wait=max(clock.epoch_start_waits, default=None),
@@ -590,6 +603,45 @@ class TrainingLoop:
 
 
 # ------------------------------------------------------------------------------------------- end of a training run
+def setup_training(args: argparse.Namespace) -> Accelerator:
+    """`setup_accelerator` for a training script's `output_dir`, `gradient_accumulation_steps` and tracking options."""
+    return setup_accelerator(
+        args.output_dir,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+    )
+
+
+def save_and_evaluate(
+    accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: Path, evaluate: Callable[[], dict]
+) -> tuple[list[str], dict]:
+    """Save the trained model first (`save_trained_model`: the per-rank digests), then run the final `evaluate()`;
+    a failing evaluation says where the model is."""
+    digests = save_trained_model(accelerator, model, processor, output_dir)
+    try:
+        return digests, evaluate()
+    except BaseException:
+        logger.error(f"The final evaluation failed; the trained model is saved in {output_dir}.")
+        raise
+
+
+def publish_run(accelerator: Accelerator, args: argparse.Namespace, results: dict, card: str, script: str) -> None:
+    """Main process: `all_results.json` and the model card into `args.output_dir`, then the upload when
+    `--push_to_hub` (options of `add_hub_arguments`); a failing push says where everything is saved."""
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    write_results(output_dir / RESULTS_FILE_NAME, results)
+    (output_dir / "README.md").write_text(card)
+    if args.push_to_hub:
+        try:
+            repo_id = push_output_dir(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo, script)
+        except Exception:
+            logger.error(f"Pushing to the Hub failed; the model and results are saved in {output_dir}.")
+            raise
+        logger.info(f"Pushed {output_dir} to {repo_id}")
+
+
 def save_trained_model(accelerator: Accelerator, model: torch.nn.Module, processor, output_dir: Path) -> list[str]:
     """Save the model (from every rank's shard if sharded) and its processor; the per-rank weight digests (empty
     when sharded), which must all be equal: a difference is logged as a warning."""
@@ -693,13 +745,16 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "plan_steps",
+    "publish_run",
     "push_output_dir",
     "resolve_checkpoint",
+    "save_and_evaluate",
     "save_checkpoint",
     "save_interrupted_model",
     "save_trained_model",
     "seeded_random_state",
     "setup_accelerator",
+    "setup_training",
     "trainer_launch_arguments",
     "weights_digest",
 ]

@@ -21,10 +21,10 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 import modeling_pvt  # noqa: F401  (registers PVT with the Auto classes)
 from modeling_pvt.data import (
     DataArguments,
-    DataError,
     ImageClassificationDataset,
     build_processor_transform,
     collate_image_batch,
+    exit_on_data_error,
 )
 from modeling_pvt.evaluation import evaluate_classifier, label_mapping
 from modeling_pvt.results import write_results
@@ -48,12 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     hub_kwargs = {"revision": args.revision, "token": args.token, "cache_dir": data_args.cache_dir}
     model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path, **hub_kwargs)
     image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, **hub_kwargs)
-    with accelerator.main_process_first():
+    with accelerator.main_process_first(), exit_on_data_error():
         data = data_args.load()
-    try:
         label_ids = label_mapping(model.config.id2label, data.labels)
-    except DataError as error:
-        raise SystemExit(f"Data error: {error}") from error
     dataset = ImageClassificationDataset(
         data.validation, data.image_column, data.label_column, build_processor_transform(image_processor), "evaluation"
     )

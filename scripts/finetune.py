@@ -44,6 +44,7 @@ from modeling_pvt.data import (
     ImageClassificationDataset,
     build_processor_transform,
     collate_image_batch,
+    exit_on_data_error,
 )
 from modeling_pvt.metrics import load_metric
 from modeling_pvt.model_card import render_trained_card
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         if checkpoint is None:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}.")
 
-    with training_args.main_process_first(desc="loading the dataset"):
+    with training_args.main_process_first(desc="loading the dataset"), exit_on_data_error():
         data = data_args.load()
     model, image_processor = build_model_and_processor(model_args, data_args, data)
     # Digits: a mirrored digit is not the same digit, and an 8x8 digit survives only mild crops.

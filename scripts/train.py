@@ -30,7 +30,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from transformers import HfArgumentParser
 
-from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor
+from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor, training
 from modeling_pvt.data import (
     DataArguments,
     ImageClassificationData,
@@ -39,25 +39,11 @@ from modeling_pvt.data import (
     build_processor_transform,
     build_train_transform,
     collate_image_batch,
+    exit_on_data_error,
 )
 from modeling_pvt.evaluation import evaluate_classifier
 from modeling_pvt.model_card import render_trained_card
-from modeling_pvt.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, write_results
-from modeling_pvt.training import (
-    TrainingLoop,
-    add_checkpoint_arguments,
-    add_compile_argument,
-    add_hub_arguments,
-    build_eval_dataloader,
-    build_lr_scheduler,
-    build_train_dataloader,
-    compile_model,
-    compiled_graph_count,
-    plan_steps,
-    push_output_dir,
-    save_trained_model,
-    setup_accelerator,
-)
+from modeling_pvt.results import IMAGE_CLASSIFICATION
 
 logger = get_logger(__name__)
 
@@ -153,32 +139,32 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, argparse.N
         "--drop_path_rate", type=float, help="Stochastic depth; default 0.1 for tiny/small, 0.3 for medium/large."
     )
 
-    training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", default="pvt-digits", help="Where the model, results and checkpoints go.")
-    training.add_argument("--per_device_train_batch_size", type=int, help="Batch size per process [recipe].")
-    training.add_argument("--per_device_eval_batch_size", type=int, default=128)
-    training.add_argument("--learning_rate", type=float, help="Peak learning rate [recipe; paper: 5e-4 x batch/512].")
-    training.add_argument("--weight_decay", type=float, help="AdamW weight decay [recipe].")
-    training.add_argument("--num_train_epochs", type=int, help="Epochs [recipe].")
-    training.add_argument("--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs.")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--lr_scheduler_type", default="cosine", help="Any transformers scheduler name.")
-    training.add_argument("--warmup_epochs", type=float, help="Linear warm-up length in epochs [recipe].")
-    training.add_argument("--label_smoothing", type=float, help="[recipe]")
-    training.add_argument("--mixup", type=float, help="Mixup alpha, 0 disables [recipe].")
-    training.add_argument("--cutmix", type=float, help="CutMix alpha, 0 disables [recipe].")
-    training.add_argument("--rand_augment", help="timm RandAugment spec, or 'none' [recipe].")
-    training.add_argument("--random_erasing", type=float, help="Random-erasing probability [recipe].")
-    training.add_argument("--min_crop_scale", type=float, help="Smallest area fraction of random crops [recipe].")
-    training.add_argument("--horizontal_flip", type=float, help="Horizontal flip probability [recipe].")
-    training.add_argument("--eval_crop_pct", type=float, help="Centre-crop fraction at evaluation [recipe].")
-    training.add_argument(
+    schedule = parser.add_argument_group("training")
+    schedule.add_argument("--output_dir", default="pvt-digits", help="Where the model, results and checkpoints go.")
+    schedule.add_argument("--per_device_train_batch_size", type=int, help="Batch size per process [recipe].")
+    schedule.add_argument("--per_device_eval_batch_size", type=int, default=128)
+    schedule.add_argument("--learning_rate", type=float, help="Peak learning rate [recipe; paper: 5e-4 x batch/512].")
+    schedule.add_argument("--weight_decay", type=float, help="AdamW weight decay [recipe].")
+    schedule.add_argument("--num_train_epochs", type=int, help="Epochs [recipe].")
+    schedule.add_argument("--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs.")
+    schedule.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    schedule.add_argument("--lr_scheduler_type", default="cosine", help="Any transformers scheduler name.")
+    schedule.add_argument("--warmup_epochs", type=float, help="Linear warm-up length in epochs [recipe].")
+    schedule.add_argument("--label_smoothing", type=float, help="[recipe]")
+    schedule.add_argument("--mixup", type=float, help="Mixup alpha, 0 disables [recipe].")
+    schedule.add_argument("--cutmix", type=float, help="CutMix alpha, 0 disables [recipe].")
+    schedule.add_argument("--rand_augment", help="timm RandAugment spec, or 'none' [recipe].")
+    schedule.add_argument("--random_erasing", type=float, help="Random-erasing probability [recipe].")
+    schedule.add_argument("--min_crop_scale", type=float, help="Smallest area fraction of random crops [recipe].")
+    schedule.add_argument("--horizontal_flip", type=float, help="Horizontal flip probability [recipe].")
+    schedule.add_argument("--eval_crop_pct", type=float, help="Centre-crop fraction at evaluation [recipe].")
+    schedule.add_argument(
         "--max_grad_norm", type=float, help="Gradient clipping; default 1.0 for medium/large, none otherwise."
     )
-    training.add_argument("--seed", type=int, default=42)
-    add_compile_argument(parser)
-    add_checkpoint_arguments(parser)
-    add_hub_arguments(parser)
+    schedule.add_argument("--seed", type=int, default=42)
+    training.add_compile_argument(parser)
+    training.add_checkpoint_arguments(parser)
+    training.add_hub_arguments(parser)
 
     data_args, args = parser.parse_args_into_dataclasses(args=argv)
     recipe = DIGITS_RECIPE if data_args.uses_embedded_dataset else PAPER_RECIPE
@@ -255,11 +241,11 @@ def build_criterion(args: argparse.Namespace, num_labels: int):
     return None, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
 
-def write_model_card(output_dir: Path, args: argparse.Namespace, data: ImageClassificationData, results: dict) -> None:
+def model_card(args: argparse.Namespace, data: ImageClassificationData, results: dict) -> str:
     source = f"fine-tuned from `{args.model_name_or_path}`" if args.model_name_or_path else "trained from scratch"
     labels = ", ".join(data.labels[:20]) + (" ..." if len(data.labels) > 20 else "")
-    card = render_trained_card(
-        repo_id=args.hub_model_id or output_dir.resolve().name,
+    return render_trained_card(
+        repo_id=args.hub_model_id or Path(args.output_dir).resolve().name,
         task=IMAGE_CLASSIFICATION,
         title=f"PVT ({args.model_name_or_path or args.model_size}) on {data.name}",
         summary=f"A Pyramid Vision Transformer (PVT v1, [arXiv 2102.12122](https://arxiv.org/abs/2102.12122)) image "
@@ -275,25 +261,19 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, data: ImageClas
         command=shlex.join(["scripts/train.py", *sys.argv[1:]]),
         base_model=args.model_name_or_path,
     )
-    (output_dir / "README.md").write_text(card)
 
 
 def main(argv: list[str] | None = None) -> dict:
     start_time = time.perf_counter()
     data_args, args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    accelerator = setup_accelerator(
-        output_dir,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to if args.with_tracking else None,
-    )
+    accelerator = training.setup_training(args)
 
     # Same weights on every rank from the start; then per-rank seeds, so Mixup and stochastic depth differ by rank.
     set_seed(args.seed)
-    with accelerator.main_process_first():
+    with accelerator.main_process_first(), exit_on_data_error():
         data = data_args.load()
     model, image_processor = build_model_and_processor(args, data)
-    compile_model(model, args.torch_compile)
+    training.compile_model(model, args.torch_compile)
     set_seed(args.seed, device_specific=True)
 
     train_dataset = ImageClassificationDataset(
@@ -312,10 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     eval_dataset = ImageClassificationDataset(
         data.validation, data.image_column, data.label_column, build_processor_transform(image_processor), "validation"
     )
-    train_dataloader = build_train_dataloader(
+    train_dataloader = training.build_train_dataloader(
         train_dataset, args.per_device_train_batch_size, args.seed, collate_image_batch, args.num_workers
     )
-    eval_dataloader = build_eval_dataloader(
+    eval_dataloader = training.build_eval_dataloader(
         eval_dataset, args.per_device_eval_batch_size, collate_image_batch, args.num_workers
     )
     global_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -325,11 +305,11 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )
-    plan = plan_steps(
+    plan = training.plan_steps(
         len(train_dataloader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps
     )
     args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_train_epochs
-    lr_scheduler = build_lr_scheduler(
+    lr_scheduler = training.build_lr_scheduler(
         accelerator,
         optimizer,
         args.lr_scheduler_type,
@@ -363,20 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.with_tracking:
         tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("pvt_image_classification", tracked)
-    loop = TrainingLoop(
-        accelerator,
-        model,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        plan,
-        output_dir,
-        image_processor,
-        max_grad_norm=args.max_grad_norm,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
+    loop = training.TrainingLoop(
+        accelerator, model, optimizer, lr_scheduler, train_dataloader, plan, image_processor, args, args.max_grad_norm
     )
-    loop.resume(args.resume_from_checkpoint)
     logger.info(
         f"{len(train_dataset)} training / {len(eval_dataset)} validation images of {data.name}, "
         f"{len(data.labels)} classes; {accelerator.num_processes} process(es), global batch {global_batch_size}, "
@@ -384,26 +353,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     outcome = loop.run(compute_loss, on_epoch_end)
 
-    # Save first: everything after this point can fail without losing the trained model.
-    digests = save_trained_model(accelerator, model, image_processor, output_dir)
-    try:
-        scores = evaluate_classifier(accelerator, model, eval_dataloader)
-    except BaseException:
-        logger.error(f"The final evaluation failed; the trained model is saved in {output_dir}.")
-        raise
+    digests, scores = training.save_and_evaluate(
+        accelerator,
+        model,
+        image_processor,
+        args.output_dir,
+        lambda: evaluate_classifier(accelerator, model, eval_dataloader),
+    )
     logger.info(f"final: top-1 {scores['eval_accuracy']:.4f}, top-5 {scores['eval_top5_accuracy']:.4f}")
     results = {
         **scores,
         **data.results_fields(),
-        "train_loss": outcome.train_loss,
-        "epoch": outcome.epochs,
-        "completed_steps": outcome.completed_steps,
+        **outcome.results_fields(),
         "train_samples": len(train_dataset),
-        "train_runtime": outcome.train_runtime,
-        **outcome.speed_fields(global_batch_size),
-        "torch_compile_graphs": compiled_graph_count(model),
+        "train_samples_per_second": outcome.samples_per_second(global_batch_size),
+        "torch_compile_graphs": training.compiled_graph_count(model),
         "total_runtime": time.perf_counter() - start_time,
-        "num_processes": accelerator.num_processes,
         "global_batch_size": global_batch_size,
         "device": str(accelerator.device.type),
         "mixed_precision": accelerator.mixed_precision,
@@ -412,19 +377,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.with_tracking:
         accelerator.log({**scores, "train_loss": outcome.train_loss}, step=outcome.completed_steps)
-    if accelerator.is_main_process:
-        write_results(output_dir / RESULTS_FILE_NAME, results)
-        write_model_card(output_dir, args, data, results)
-        print(json.dumps({key: results[key] for key in ("eval_accuracy", "eval_top5_accuracy", "train_runtime")}))
-        if args.push_to_hub:
-            try:
-                repo_id = push_output_dir(
-                    output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo, "scripts/train.py"
-                )
-            except Exception:
-                logger.error(f"Pushing to the Hub failed; the model and results are saved in {output_dir}.")
-                raise
-            logger.info(f"Pushed {output_dir} to {repo_id}")
+    accelerator.print(
+        json.dumps({key: results[key] for key in ("eval_accuracy", "eval_top5_accuracy", "train_runtime")})
+    )
+    training.publish_run(accelerator, args, results, model_card(args, data, results), "scripts/train.py")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group: nothing collective after this
     return results

@@ -7,6 +7,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+from hub_server import HubServer  # noqa: E402
+from script_launch import HUB_TOKEN  # noqa: E402
+
 from modeling_pvt import PvtConfig  # noqa: E402
 
 TINY_CONFIG = dict(
@@ -28,3 +31,12 @@ def tiny_config() -> PvtConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """A test Hub for the module's tests, with the user `trainer` whose token the scripts get (`script_launch`)."""
+    with HubServer() as server:
+        server.state.add_token(HUB_TOKEN, "trainer")
+        yield server
+    assert not server.state.errors, f"the test Hub met requests it does not understand: {server.state.errors}"

@@ -1,22 +1,37 @@
-"""scripts/train_segmentation.py (data handling, model set-up, a 2-process run) and the shipped mean_iou metric."""
+"""Semantic segmentation: the data pipeline (`modeling_pvt.segmentation_data`), `scripts/train_segmentation.py`
+(model set-up, a 2-process run with checkpoints, card and Hub push, exact resume) and the shipped mean_iou metric."""
 
 import importlib.util
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG
+from huggingface_hub import ModelCard
 from PIL import Image
+from safetensors.torch import load_file
+from script_launch import environment, launch_command, run
 
 import modeling_pvt  # noqa: F401  (registers the pvt backbone for UperNet's from_pretrained)
-from modeling_pvt import PvtBackbone, PvtForImageClassification
+from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
 from modeling_pvt.metrics import load_metric
+from modeling_pvt.segmentation_data import (
+    SegmentationDataset,
+    build_segmentation_processor,
+    find_image_mask_pairs,
+    folder_dataset,
+    infer_num_labels,
+    load_segmentation_data,
+    make_collate_eval,
+    mask_to_array,
+    read_labels_file,
+    train_transform,
+)
+from modeling_pvt.training import resolve_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "train_segmentation.py"
@@ -127,39 +142,51 @@ def make_shapes_folder(folder: Path, count: int, seed: int) -> None:
         Image.fromarray(mask).save(folder / "masks" / f"{index:03d}.png")
 
 
-def test_folder_pairs_and_missing_masks(script, tmp_path):
+def test_folder_pairs_and_missing_masks(tmp_path):
     make_shapes_folder(tmp_path / "data", 3, seed=0)
-    images, masks = script.find_image_mask_pairs(tmp_path / "data")
+    images, masks = find_image_mask_pairs(tmp_path / "data")
     assert [Path(path).stem for path in images] == [Path(path).stem for path in masks] == ["000", "001", "002"]
     (tmp_path / "data" / "masks" / "001.png").unlink()
     with pytest.raises(ValueError, match=r"001\.png"):
-        script.find_image_mask_pairs(tmp_path / "data")
+        find_image_mask_pairs(tmp_path / "data")
     with pytest.raises(ValueError, match="images/ and masks/"):
-        script.find_image_mask_pairs(tmp_path / "nowhere")
+        find_image_mask_pairs(tmp_path / "nowhere")
 
 
-def test_masks_are_checked_and_decoded(script, tmp_path):
+def test_masks_are_checked_and_decoded(tmp_path):
     make_shapes_folder(tmp_path / "data", 2, seed=0)
-    dataset = script.folder_dataset(tmp_path / "data")
-    assert script.infer_num_labels(dataset, reduce_labels=False, ignore_index=IGNORE) == 3
-    options = dict(image_size=32, ignore_index=IGNORE, reduce_labels=False, processor=None)
+    pairs = folder_dataset(tmp_path / "data")
+    assert infer_num_labels(pairs, reduce_labels=False, ignore_index=IGNORE) == 3
+    options = dict(ignore_index=IGNORE, reduce_labels=False, processor=None, augment=train_transform(32, IGNORE))
     # An id beyond num_labels names the mask file instead of failing inside the loss.
-    too_few_classes = script.make_batch_transform(training=True, num_labels=2, **options)
+    too_few_classes = SegmentationDataset(pairs, num_labels=2, **options)
     with pytest.raises(ValueError, match=r"000\.png.*outside \[0, 2\)"):
-        too_few_classes(dataset[:1])
-    batch = script.make_batch_transform(training=True, num_labels=3, **options)(dataset[:2])
-    assert [tuple(image.shape) for image in batch["pixel_values"]] == [(3, 32, 32)] * 2
-    for labels in batch["labels"]:
-        assert labels.shape == (32, 32)
-        assert set(labels.unique().tolist()) <= {0, 1, 2, IGNORE}
+        too_few_classes[0]
+    dataset = SegmentationDataset(pairs, num_labels=3, augmentation_seed=0, **options)
+    for sample in (dataset[0], dataset[1]):
+        assert sample["pixel_values"].shape == (3, 32, 32) and sample["labels"].shape == (32, 32)
+        assert set(sample["labels"].unique().tolist()) <= {0, 1, 2, IGNORE}
+    # Seeded augmentation: the same sample in the same epoch, however often it is loaded; another in the next one.
+    assert torch.equal(dataset[1]["pixel_values"], dataset[1]["pixel_values"])
+    first_epoch = dataset[1]["labels"]
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[1]["labels"], first_epoch)
     rgb_mask = Image.new("RGB", (4, 4))
     with pytest.raises(ValueError, match="single-channel"):
-        script.mask_to_array(rgb_mask, reduce_labels=False, ignore_index=IGNORE)
-    reduced = script.mask_to_array(Image.fromarray(np.array([[0, 1], [2, IGNORE]], np.uint8)), True, IGNORE)
+        mask_to_array(rgb_mask, reduce_labels=False, ignore_index=IGNORE)
+    reduced = mask_to_array(Image.fromarray(np.array([[0, 1], [2, IGNORE]], np.uint8)), True, IGNORE)
     np.testing.assert_array_equal(reduced, [[IGNORE, 0], [1, IGNORE]])
+    # Evaluation samples go through the processor and keep the mask's own size.
+    processor = build_segmentation_processor(32, reduce_labels=False)
+    evaluation = SegmentationDataset(
+        pairs, num_labels=3, ignore_index=IGNORE, reduce_labels=False, processor=processor
+    )
+    image = pairs[0]["image"]
+    assert evaluation[0]["pixel_values"].shape == (3, 32, 32)
+    assert evaluation[0]["labels"].shape == (image.height, image.width)
 
 
-def test_datasets_source_finds_the_mask_column_and_validation_split(script, tmp_path):
+def test_datasets_source_finds_the_mask_column_and_validation_split(tmp_path):
     """A `datasets` dataset laid out like scene_parse_150 (image, annotation, scene_category; train + validation)."""
     import datasets
 
@@ -167,22 +194,30 @@ def test_datasets_source_finds_the_mask_column_and_validation_split(script, tmp_
     make_shapes_folder(tmp_path / "validation", 2, seed=1)
     (tmp_path / "hub" / "data").mkdir(parents=True)
     for split in ("train", "validation"):
-        images, masks = script.find_image_mask_pairs(tmp_path / split)
+        images, masks = find_image_mask_pairs(tmp_path / split)
         table = {"image": images, "annotation": masks, "scene_category": [0] * len(images)}
         dataset = datasets.Dataset.from_dict(table).cast_column("image", datasets.Image())
         dataset.cast_column("annotation", datasets.Image()).to_parquet(tmp_path / "hub" / "data" / f"{split}.parquet")
-    arguments = ["--dataset_name", str(tmp_path / "hub"), "--model_size", "tiny", "--output_dir", "out"]
-    train, validation, _, validation_name = script.load_splits(script.parse_args(arguments))
-    assert train.column_names == validation.column_names == ["image", "label"]
-    assert (len(train), len(validation), validation_name) == (3, 2, "validation")
+    data = load_segmentation_data(dataset_name=str(tmp_path / "hub"))
+    assert data.train.column_names == data.validation.column_names == ["image", "label"]
+    assert (len(data.train), len(data.validation)) == (3, 2)
+    assert data.results_fields() == {
+        "dataset_name": str(tmp_path / "hub"),
+        "dataset_config_name": None,
+        "split": "validation",
+    }
     # --reduce_labels (ADE20K's convention) turns 3 classes with a background into 2.
-    assert script.infer_num_labels(train, reduce_labels=True, ignore_index=IGNORE) == 2
+    assert infer_num_labels(data.train, reduce_labels=True, ignore_index=IGNORE) == 2
     with pytest.raises(ValueError, match="scene_category"):
-        script.load_splits(script.parse_args(arguments + ["--label_column_name", "segmentation_map"]))
+        load_segmentation_data(dataset_name=str(tmp_path / "hub"), label_column_name="segmentation_map")
+    # Without a validation split, part of train is held out; quick runs keep the first N of each split.
+    held_out = load_segmentation_data(train_dir=str(tmp_path / "train"), train_val_split=0.3, max_train_samples=1)
+    assert (len(held_out.train), len(held_out.validation)) == (1, 1)
+    assert held_out.validation_split_name == "train[30% held out, seed 42]"
 
 
-def test_evaluation_batches_pad_masks_with_ignore_index(script):
-    collate = script.make_collate_eval(IGNORE)
+def test_evaluation_batches_pad_masks_with_ignore_index():
+    collate = make_collate_eval(IGNORE)
     batch = collate(
         [
             {"pixel_values": torch.zeros(3, 8, 8), "labels": torch.ones(2, 5, dtype=torch.int64)},
@@ -202,9 +237,9 @@ def test_evaluation_batches_pad_masks_with_ignore_index(script):
         ("labels.txt", "sky\nroad\ncar\n"),
     ],
 )
-def test_labels_files(script, tmp_path, file_name, content):
+def test_labels_files(tmp_path, file_name, content):
     (tmp_path / file_name).write_text(content)
-    assert script.read_labels_file(str(tmp_path / file_name)) == ["sky", "road", "car"]
+    assert read_labels_file(str(tmp_path / file_name)) == ["sky", "road", "car"]
 
 
 @pytest.mark.parametrize(
@@ -240,47 +275,58 @@ def test_backbone_weights_come_from_the_classification_checkpoint(script, tmp_pa
 
 
 # --------------------------------------------------------------------------------------------------- the script
+SEGMENTATION_HUB_REPO = "trainer/pvt-upernet-shapes"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def training_arguments(data: Path, output_dir: Path) -> list[str]:
+    return [
+        "--train_dir", str(data / "train"), "--validation_dir", str(data / "validation"),
+        "--backbone_name_or_path", str(data / "classifier"), "--output_dir", str(output_dir),
+        "--image_size", "64", "--head_hidden_size", "16", "--auxiliary_head_channels", "16",
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_train_epochs", "2",
+        "--learning_rate", "1e-5", "--dataloader_num_workers", "1", "--checkpointing_steps", "1",
+    ]  # fmt: skip
 
 
-def test_two_process_training_run(tmp_path, tiny_config, mean_iou):
-    """A few steps on 2 CPU processes (gloo): outputs written, mIoU per epoch, and the reported mIoU equals an
-    independent evaluation of the saved model through its saved image processor (every image counted once).
+@pytest.fixture(scope="module")
+def segmentation_data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("segmentation_data")
+    make_shapes_folder(data / "train", 8, seed=0)
+    make_shapes_folder(data / "validation", 5, seed=1)  # 5: uneven over 2 processes x batches of 2
+    save_tiny_classifier(data / "classifier", PvtConfig(**TINY_CONFIG))
+    return data
+
+
+@pytest.fixture(scope="module")
+def segmentation_run(segmentation_data, tmp_path_factory, hub) -> Path:
+    """2 processes, 2 epochs of 2 steps, a checkpoint after every step; pushed to the test Hub."""
+    output_dir = tmp_path_factory.mktemp("segmentation") / "output"
+    arguments = [
+        *training_arguments(segmentation_data, output_dir),
+        "--push_to_hub",
+        "--hub_model_id",
+        SEGMENTATION_HUB_REPO,
+    ]
+    run(launch_command("train_segmentation.py", *arguments), env=environment(hub, tmp_path_factory.mktemp("hf_home")))
+    return output_dir
+
+
+def test_two_process_training_run(segmentation_run, segmentation_data, mean_iou):
+    """Outputs written, mIoU per epoch, and the reported mIoU equals an independent evaluation of the saved model
+    through its saved image processor (every image counted once).
 
     The learning rate is tiny on purpose: weights near their initialisation predict every class somewhere, so each
     image weighs on every score; a few real steps already collapse the predictions to background, which hides errors.
     That training lowers the loss is `test_backbone.py::test_upernet_training_lowers_the_loss`."""
-    make_shapes_folder(tmp_path / "train", 8, seed=0)
-    make_shapes_folder(tmp_path / "validation", 5, seed=1)  # 5: uneven over 2 processes x batches of 2
-    save_tiny_classifier(tmp_path / "classifier", tiny_config)
-    output_dir = tmp_path / "output"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(SCRIPT),
-        "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "validation"),
-        "--backbone_name_or_path", str(tmp_path / "classifier"), "--output_dir", str(output_dir),
-        "--image_size", "64", "--head_hidden_size", "16", "--auxiliary_head_channels", "16",
-        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_train_epochs", "2",
-        "--learning_rate", "1e-5", "--dataloader_num_workers", "0",
-    ]  # fmt: skip
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-
+    output_dir, tmp_path = segmentation_run, segmentation_data
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "all_results.json"):
         assert (output_dir / name).is_file(), name
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["num_processes"] == 2
     assert results["eval_samples"] == 5 and results["train_samples"] == 8
     assert [epoch["epoch"] for epoch in results["history"]] == [0, 1]
-    assert results["train_steps"] == 4  # 8 pairs / (2 processes x 2) per epoch, 2 epochs
+    assert results["completed_steps"] == 4  # 8 pairs / (2 processes x 2) per epoch, 2 epochs
+    assert results["dataset_name"] == f"folder:{tmp_path / 'train'}" and results["split"] == "validation"
     for scores in [results, *results["history"]]:
         assert isinstance(scores["eval_mean_iou"], float) and 0.0 <= scores["eval_mean_iou"] <= 1.0
     assert math.isfinite(results["train_loss"])
@@ -306,3 +352,38 @@ def test_two_process_training_run(tmp_path, tiny_config, mean_iou):
         assert results[f"eval_{name}"] == pytest.approx(independent[name], abs=2e-3), name
     reported_per_class = [results["eval_per_category_iou"][f"class_{index}"] for index in range(3)]
     np.testing.assert_allclose(reported_per_class, independent["per_category_iou"], atol=2e-3)
+
+    # The card states the measured mean IoU, in its text and its model-index.
+    card = ModelCard((output_dir / "README.md").read_text())
+    assert card.data.pipeline_tag == "image-segmentation"
+    scores = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert scores["mean_iou"] == results["eval_mean_iou"]
+    assert f"| Mean IoU | {100 * results['eval_mean_iou']:.2f}% |" in card.text
+    assert "AutoModelForSemanticSegmentation" in card.text
+
+
+def test_push_to_hub_uploads_the_model_without_checkpoints(segmentation_run, hub):
+    uploads = [commit for commit in hub.commits(SEGMENTATION_HUB_REPO) if "train_segmentation.py" in commit.title]
+    assert len(uploads) == 1
+    files = set(uploads[0].files)
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"} <= files
+    assert not any(path.startswith("checkpoints/") for path in files)
+    assert hub.file_bytes(SEGMENTATION_HUB_REPO, "README.md") == (segmentation_run / "README.md").read_bytes()
+
+
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(segmentation_run, segmentation_data, tmp_path):
+    """Resumed mid-epoch (after step 3 of 4, the middle of epoch 1): seeded augmentation, sample order, stochastic
+    depth and the schedule all continue as if never interrupted, so the weights are bit-identical."""
+    output_dir = tmp_path / "resumed"
+    shutil.copytree(segmentation_run / "checkpoints" / "step_3", output_dir / "checkpoints" / "step_3")
+    arguments = [*training_arguments(segmentation_data, output_dir), "--resume_from_checkpoint", "latest"]
+    resumed = run(launch_command("train_segmentation.py", *arguments))
+    assert "Resumed from" in resumed.stdout + resumed.stderr
+    reference = load_file(segmentation_run / "model.safetensors")
+    final = load_file(output_dir / "model.safetensors")
+    assert reference.keys() == final.keys()
+    assert all(torch.equal(reference[name], final[name]) for name in reference)
+    expected, actual = (json.loads((path / "all_results.json").read_text()) for path in (segmentation_run, output_dir))
+    assert actual["eval_mean_iou"] == expected["eval_mean_iou"]
+    with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
+        resolve_checkpoint("latest", tmp_path / "nothing")

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,10 +19,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from hub_server import HubServer
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
+from script_launch import REPO, SCRIPT_TIMEOUT_S, SCRIPTS, environment, launch_command, run
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
 from modeling_pvt.data import (
@@ -37,11 +36,7 @@ from modeling_pvt.metrics import load_metric, metric_path
 from modeling_pvt.model_card import render_paper_size_card
 from modeling_pvt.training import resolve_checkpoint, weights_digest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
 TOY_CONFIG = {"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 1, 2], "depths": [1, 1, 1, 1]}
-SCRIPT_TIMEOUT_S = 240
-HUB_TOKEN = "hf_test_training_token"
 HUB_REPO = "trainer/pvt-toy-digits"
 
 # 64 training images, 4 per batch and process, 2 batches per optimizer step: 4 steps per epoch on 2 processes.
@@ -71,42 +66,6 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _environment(hub: HubServer | None = None, hf_home: Path | None = None) -> dict[str, str]:
-    # One thread per process: on a busy 2-core host, a second OpenMP thread that waits for a core slows every
-    # operation many times over (`accelerate launch` sets this for its workers anyway).
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    if hub is not None:  # the in-process test Hub instead of huggingface.co; it speaks LFS, not Xet
-        environment.update(
-            HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=HUB_TOKEN, HF_HOME=str(hf_home)
-        )
-    return environment
-
-
-def _launch_command(script: str, *args: str, processes: int = 2) -> list[str]:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    # An explicit free port: other test runs on the machine may hold the default 29500.
-    launcher += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(_free_port())]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*launcher, str(SCRIPTS / script), *args]
-
-
-def _run(command: list[str], expect_success: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command, cwd=REPO, env=env or _environment(), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S
-    )
-    if expect_success and result.returncode != 0:
-        pytest.fail(
-            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
-
-
 def _load_train_script():
     spec = importlib.util.spec_from_file_location("pvt_train_script", SCRIPTS / "train.py")
     module = importlib.util.module_from_spec(spec)
@@ -119,20 +78,12 @@ def _results(output_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hub():
-    with HubServer() as server:
-        server.state.add_token(HUB_TOKEN, "trainer")
-        yield server
-    assert not server.state.errors, f"the test Hub met requests it does not understand: {server.state.errors}"
-
-
-@pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory, hub) -> Path:
     """The reference 2-process run; it also logs to TensorBoard and pushes its output folder to the test Hub."""
     output_dir = tmp_path_factory.mktemp("uninterrupted")
     extra = ["--with_tracking", "--push_to_hub", "--hub_model_id", HUB_REPO]
-    command = _launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir), *extra)
-    _run(command, env=_environment(hub, tmp_path_factory.mktemp("hf_home")))
+    command = launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir), *extra)
+    run(command, env=environment(hub, tmp_path_factory.mktemp("hf_home")))
     return output_dir
 
 
@@ -174,9 +125,9 @@ def test_tensorboard_logs_and_push_to_hub_from_the_main_process_only(uninterrupt
 def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted_run, tmp_path):
     output_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        _launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir)),
+        launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir)),
         cwd=REPO,
-        env=_environment(),
+        env=environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the kill reaches the launcher and both workers at once
@@ -196,8 +147,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted_run, tmp_p
     (output_dir / "checkpoints" / ".step_900.tmp").mkdir()
     (output_dir / "checkpoints" / ".step_900.tmp" / "model.safetensors").write_bytes(b"partial")
     (output_dir / "checkpoints" / "step_901").mkdir()
-    resumed = _run(
-        _launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest")
+    resumed = run(
+        launch_command("train.py", *TRAIN_ARGS, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest")
     )
     assert "Resumed from" in resumed.stderr + resumed.stdout
 
@@ -218,7 +169,7 @@ def test_torch_compile_captures_one_graph_for_training_and_one_for_evaluation(tm
     output_dir = tmp_path / "compiled"
     arguments = [*TRAIN_ARGS, "--num_train_epochs", "3", "--output_dir", str(output_dir), "--torch_compile", "eager"]
     single = [sys.executable, str(SCRIPTS / "train.py"), *arguments]
-    _run(_launch_command("train.py", *arguments) if processes == 2 else single)
+    run(launch_command("train.py", *arguments) if processes == 2 else single)
     results = _results(output_dir)
     assert results["torch_compile_graphs"] == 2
     assert results["completed_steps"] == 24 // processes and results["eval_samples"] == 21
@@ -260,7 +211,7 @@ def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
 def test_evaluation_script_reproduces_the_training_result(uninterrupted_run, tmp_path):
     output_file = tmp_path / "eval.json"
     command = [sys.executable, str(SCRIPTS / "eval_classification.py"), "--model_name_or_path", str(uninterrupted_run)]
-    _run([*command, "--max_eval_samples", "21", "--output_file", str(output_file)])
+    run([*command, "--max_eval_samples", "21", "--output_file", str(output_file)])
     results = json.loads(output_file.read_text())
     trained = _results(uninterrupted_run)
     for key in ("eval_samples", "dataset_name", "dataset_config_name", "split"):
@@ -284,7 +235,7 @@ def test_finetune_from_saved_folder_with_new_labels(tmp_path):
     )
 
     output_dir = tmp_path / "finetuned"
-    _run(
+    run(
         [
             sys.executable,
             str(SCRIPTS / "finetune.py"),
@@ -457,7 +408,7 @@ def test_failures_after_training_keep_the_trained_weights(tmp_path):
     ]  # fmt: skip
 
     # The evaluation after epoch 0 of 2 fails: the weights trained so far are kept.
-    interrupted = _run([*common, "--num_train_epochs", "2", "--output_dir", str(tmp_path / "a")], expect_success=False)
+    interrupted = run([*common, "--num_train_epochs", "2", "--output_dir", str(tmp_path / "a")], expect_success=False)
     assert interrupted.returncode != 0
     assert "truncated.jpg" in interrupted.stderr
     kept = PvtForImageClassification.from_pretrained(tmp_path / "a" / "interrupted_model")
@@ -465,7 +416,7 @@ def test_failures_after_training_keep_the_trained_weights(tmp_path):
     assert (tmp_path / "a" / "interrupted_model" / "preprocessor_config.json").is_file()
 
     # The final evaluation fails: the model was saved before it.
-    final = _run([*common, "--num_train_epochs", "1", "--output_dir", str(tmp_path / "b")], expect_success=False)
+    final = run([*common, "--num_train_epochs", "1", "--output_dir", str(tmp_path / "b")], expect_success=False)
     assert final.returncode != 0
     assert "truncated.jpg" in final.stderr and "the trained model is saved" in final.stderr
     assert PvtForImageClassification.from_pretrained(tmp_path / "b").config.num_labels == 2
