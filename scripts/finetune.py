@@ -220,7 +220,7 @@ def write_model_card(
     trainer.create_model_card()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
     model_args, data_args, augmentation_args, training_args = parse_arguments(argv)
     logging.basicConfig(
@@ -313,7 +313,6 @@ def main(argv: list[str] | None = None) -> dict:
     write_model_card(trainer, model_args, augmentation, data, results if training_args.do_eval else None)
     if training_args.push_to_hub:
         trainer.push_to_hub()
-    return results
 
 
 if __name__ == "__main__":
