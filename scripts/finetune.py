@@ -136,7 +136,7 @@ def parse_arguments(
     parser = HfArgumentParser((ModelArguments, DataArguments, AugmentationArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=str(Path(argv[0]).resolve()))
-    data_probe, *_ = HfArgumentParser(DataArguments).parse_known_args(argv)
+    data_probe, *_ = HfArgumentParser(DataArguments, add_help=False).parse_known_args(argv)
     if DataArguments(**vars(data_probe)).uses_embedded_dataset:
         argv = DIGITS_TRAINING_DEFAULTS + argv  # later occurrences win, so the user's arguments override these
     return parser.parse_args_into_dataclasses(args=trainer_launch_arguments() + argv)

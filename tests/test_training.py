@@ -66,9 +66,10 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
-def _load_train_script():
-    spec = importlib.util.spec_from_file_location("pvt_train_script", SCRIPTS / "train.py")
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"pvt_script_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
@@ -170,7 +171,7 @@ def test_resume_rejects_incomplete_checkpoint(tmp_path):
 
 
 def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
-    train = _load_train_script()
+    train = _load_script("train")
     model = PvtForImageClassification(PvtConfig(image_size=32, num_labels=3, **TOY_CONFIG))
     decay, no_decay = train.parameter_groups(model, 0.05)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
@@ -262,6 +263,14 @@ def test_finetune_from_saved_folder_with_new_labels(tmp_path):
         "Top-5 accuracy": results["eval_top5_accuracy"],
     }
     assert "| Images evaluated | 40 |" in card.text and "scripts/finetune.py" in card.text
+
+
+def test_finetune_help_lists_its_own_options(capsys):
+    with pytest.raises(SystemExit):
+        _load_script("finetune").parse_arguments(["--help"])
+    printed = capsys.readouterr().out
+    for option in ("--dataset_name", "--horizontal_flip", "--model_name_or_path", "--learning_rate"):
+        assert option in printed, option
 
 
 # --------------------------------------------------------------------------------------------------- the metric
