@@ -9,16 +9,20 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -34,7 +38,16 @@ from modeling_pvt.data import (
 )
 from modeling_pvt.metrics import load_metric, metric_path
 from modeling_pvt.model_card import render_paper_size_card
-from modeling_pvt.training import resolve_checkpoint, weights_digest
+from modeling_pvt.training import (
+    EpochSeededDataset,
+    TrainingLoop,
+    build_lr_scheduler,
+    build_train_dataloader,
+    list_checkpoints,
+    plan_steps,
+    resolve_checkpoint,
+    weights_digest,
+)
 
 TOY_CONFIG = {"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 1, 2], "depths": [1, 1, 1, 1]}
 HUB_REPO = "trainer/pvt-toy-digits"
@@ -408,3 +421,55 @@ def test_failures_after_training_keep_the_trained_weights(tmp_path):
     assert final.returncode != 0
     assert "truncated.jpg" in final.stderr and "the trained model is saved" in final.stderr
     assert PvtForImageClassification.from_pretrained(tmp_path / "b").config.num_labels == 2
+
+
+# ------------------------------------------------------------------------------------------- the shared training loop
+class _NoisyPoints(EpochSeededDataset):
+    """Points whose augmentation (random noise) must replay exactly after a resume."""
+
+    def __init__(self):
+        self.points = torch.linspace(-1, 1, 24).unsqueeze(1)
+        self.augmentation_seed = 3
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, index: int) -> dict:
+        with self.augmentation(index):
+            noise = torch.randn(1)
+        return {"inputs": self.points[index] + 0.1 * noise, "targets": 3 * self.points[index]}
+
+
+def _train_toy_model(output_dir: Path, resume_from: str | None = None) -> dict:
+    """Any task's model, data and loss run through `TrainingLoop` (here: dropout regression, 2 epochs of 3 steps)."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    set_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = build_train_dataloader(_NoisyPoints(), 4, seed=5, collate_fn=torch.utils.data.default_collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    plan = plan_steps(len(loader), 2, num_train_epochs=2, max_train_steps=None)
+    scheduler = build_lr_scheduler(accelerator, optimizer, "cosine", 1, plan.max_train_steps)
+    options = Namespace(
+        output_dir=output_dir, checkpointing_steps=1, checkpoints_total_limit=None, resume_from_checkpoint=resume_from
+    )
+    loop = TrainingLoop(accelerator, model, optimizer, scheduler, loader, plan, PvtImageProcessor(), options)
+    loop.run(lambda batch: torch.nn.functional.mse_loss(model(batch["inputs"]), batch["targets"]))
+    return {name: tensor.clone() for name, tensor in accelerator.unwrap_model(model).state_dict().items()}
+
+
+def test_training_loop_resumes_any_model_exactly_from_any_checkpoint(tmp_path):
+    reference = _train_toy_model(tmp_path / "reference")
+    steps = [path.name for _, path in list_checkpoints(tmp_path / "reference")]
+    assert steps == [f"step_{step}" for step in range(1, 7)]
+    for checkpoint in ("step_2", "step_4"):  # mid-epoch and at an epoch boundary
+        resumed_dir = tmp_path / f"from_{checkpoint}"
+        shutil.copytree(tmp_path / "reference" / "checkpoints" / checkpoint, resumed_dir / "checkpoints" / checkpoint)
+        resumed = _train_toy_model(resumed_dir, resume_from="latest")
+        assert all(torch.equal(reference[name], resumed[name]) for name in reference), checkpoint
+    # The position in the epoch matters: resumed as if at the start of the epoch, the weights differ.
+    state_file = tmp_path / "from_step_2" / "checkpoints" / "step_2" / "training_state.json"
+    assert json.loads(state_file.read_text()) == {"completed_steps": 2, "epoch": 0, "batches_in_epoch": 4}
+    state_file.write_text(json.dumps({"completed_steps": 2, "epoch": 0, "batches_in_epoch": 0}))
+    misplaced = _train_toy_model(tmp_path / "from_step_2", resume_from=str(state_file.parent))
+    assert not all(torch.equal(reference[name], misplaced[name]) for name in reference)
