@@ -1,7 +1,9 @@
 """Image-classification data for the training, fine-tuning and evaluation scripts.
 
 One entry point, `load_image_classification_data`, turns the command-line choices into train and validation
-`datasets.Dataset`s with a known image column, label column and label names:
+`datasets.Dataset`s with a known image column, label column and label names. The scripts share its options as
+`DataArguments` (parsed by `transformers.HfArgumentParser`; `DataArguments.load()`), and `exit_on_data_error` turns a
+`DataError` into a message for the user. Sources:
 
 - a dataset on the Hugging Face Hub or on disk (`dataset_name`, optionally `dataset_config_name`);
 - ImageNet-style image folders (`train_dir` / `validation_dir`, one sub-folder per class);

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, argparse.N
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     data_args, args = parse_args(argv)
     accelerator = setup_accelerator()
     hub_kwargs = {"revision": args.revision, "token": args.token, "cache_dir": data_args.cache_dir}
@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.output_file:
             write_results(args.output_file, results)
     accelerator.wait_for_everyone()
-    return results
 
 
 if __name__ == "__main__":

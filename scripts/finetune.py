@@ -136,7 +136,7 @@ def parse_arguments(
     parser = HfArgumentParser((ModelArguments, DataArguments, AugmentationArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=str(Path(argv[0]).resolve()))
-    data_probe, *_ = HfArgumentParser(DataArguments).parse_known_args(argv)
+    data_probe, *_ = HfArgumentParser(DataArguments, add_help=False).parse_known_args(argv)
     if DataArguments(**vars(data_probe)).uses_embedded_dataset:
         argv = DIGITS_TRAINING_DEFAULTS + argv  # later occurrences win, so the user's arguments override these
     return parser.parse_args_into_dataclasses(args=trainer_launch_arguments() + argv)
@@ -220,7 +220,7 @@ def write_model_card(
     trainer.create_model_card()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
     model_args, data_args, augmentation_args, training_args = parse_arguments(argv)
     logging.basicConfig(
@@ -313,7 +313,6 @@ def main(argv: list[str] | None = None) -> dict:
     write_model_card(trainer, model_args, augmentation, data, results if training_args.do_eval else None)
     if training_args.push_to_hub:
         trainer.push_to_hub()
-    return results
 
 
 if __name__ == "__main__":

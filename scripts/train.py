@@ -263,7 +263,7 @@ def model_card(args: argparse.Namespace, data: ImageClassificationData, results:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     start_time = time.perf_counter()
     data_args, args = parse_args(argv)
     accelerator = training.setup_training(args)
@@ -383,7 +383,6 @@ def main(argv: list[str] | None = None) -> dict:
     training.publish_run(accelerator, args, results, model_card(args, data, results), "scripts/train.py")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group: nothing collective after this
-    return results
 
 
 if __name__ == "__main__":

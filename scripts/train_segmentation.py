@@ -260,7 +260,7 @@ def model_card(args: argparse.Namespace, data: SegmentationData, results: dict) 
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = training.setup_training(args)
     set_seed(args.seed)
@@ -355,7 +355,6 @@ def main(argv: list[str] | None = None) -> dict:
     training.publish_run(accelerator, args, results, model_card(args, data, results), "scripts/train_segmentation.py")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return results
 
 
 if __name__ == "__main__":

@@ -9,16 +9,20 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -34,7 +38,16 @@ from modeling_pvt.data import (
 )
 from modeling_pvt.metrics import load_metric, metric_path
 from modeling_pvt.model_card import render_paper_size_card
-from modeling_pvt.training import resolve_checkpoint, weights_digest
+from modeling_pvt.training import (
+    EpochSeededDataset,
+    TrainingLoop,
+    build_lr_scheduler,
+    build_train_dataloader,
+    list_checkpoints,
+    plan_steps,
+    resolve_checkpoint,
+    weights_digest,
+)
 
 TOY_CONFIG = {"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 1, 2], "depths": [1, 1, 1, 1]}
 HUB_REPO = "trainer/pvt-toy-digits"
@@ -66,9 +79,10 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
-def _load_train_script():
-    spec = importlib.util.spec_from_file_location("pvt_train_script", SCRIPTS / "train.py")
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"pvt_script_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
@@ -191,7 +205,7 @@ def test_resume_rejects_incomplete_checkpoint(tmp_path):
 
 
 def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
-    train = _load_train_script()
+    train = _load_script("train")
     model = PvtForImageClassification(PvtConfig(image_size=32, num_labels=3, **TOY_CONFIG))
     decay, no_decay = train.parameter_groups(model, 0.05)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
@@ -283,6 +297,14 @@ def test_finetune_from_saved_folder_with_new_labels(tmp_path):
         "Top-5 accuracy": results["eval_top5_accuracy"],
     }
     assert "| Images evaluated | 40 |" in card.text and "scripts/finetune.py" in card.text
+
+
+def test_finetune_help_lists_its_own_options(capsys):
+    with pytest.raises(SystemExit):
+        _load_script("finetune").parse_arguments(["--help"])
+    printed = capsys.readouterr().out
+    for option in ("--dataset_name", "--horizontal_flip", "--model_name_or_path", "--learning_rate"):
+        assert option in printed, option
 
 
 # --------------------------------------------------------------------------------------------------- the metric
@@ -420,3 +442,55 @@ def test_failures_after_training_keep_the_trained_weights(tmp_path):
     assert final.returncode != 0
     assert "truncated.jpg" in final.stderr and "the trained model is saved" in final.stderr
     assert PvtForImageClassification.from_pretrained(tmp_path / "b").config.num_labels == 2
+
+
+# ------------------------------------------------------------------------------------------- the shared training loop
+class _NoisyPoints(EpochSeededDataset):
+    """Points whose augmentation (random noise) must replay exactly after a resume."""
+
+    def __init__(self):
+        self.points = torch.linspace(-1, 1, 24).unsqueeze(1)
+        self.augmentation_seed = 3
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, index: int) -> dict:
+        with self.augmentation(index):
+            noise = torch.randn(1)
+        return {"inputs": self.points[index] + 0.1 * noise, "targets": 3 * self.points[index]}
+
+
+def _train_toy_model(output_dir: Path, resume_from: str | None = None) -> dict:
+    """Any task's model, data and loss run through `TrainingLoop` (here: dropout regression, 2 epochs of 3 steps)."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    set_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = build_train_dataloader(_NoisyPoints(), 4, seed=5, collate_fn=torch.utils.data.default_collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    plan = plan_steps(len(loader), 2, num_train_epochs=2, max_train_steps=None)
+    scheduler = build_lr_scheduler(accelerator, optimizer, "cosine", 1, plan.max_train_steps)
+    options = Namespace(
+        output_dir=output_dir, checkpointing_steps=1, checkpoints_total_limit=None, resume_from_checkpoint=resume_from
+    )
+    loop = TrainingLoop(accelerator, model, optimizer, scheduler, loader, plan, PvtImageProcessor(), options)
+    loop.run(lambda batch: torch.nn.functional.mse_loss(model(batch["inputs"]), batch["targets"]))
+    return {name: tensor.clone() for name, tensor in accelerator.unwrap_model(model).state_dict().items()}
+
+
+def test_training_loop_resumes_any_model_exactly_from_any_checkpoint(tmp_path):
+    reference = _train_toy_model(tmp_path / "reference")
+    steps = [path.name for _, path in list_checkpoints(tmp_path / "reference")]
+    assert steps == [f"step_{step}" for step in range(1, 7)]
+    for checkpoint in ("step_2", "step_4"):  # mid-epoch and at an epoch boundary
+        resumed_dir = tmp_path / f"from_{checkpoint}"
+        shutil.copytree(tmp_path / "reference" / "checkpoints" / checkpoint, resumed_dir / "checkpoints" / checkpoint)
+        resumed = _train_toy_model(resumed_dir, resume_from="latest")
+        assert all(torch.equal(reference[name], resumed[name]) for name in reference), checkpoint
+    # The position in the epoch matters: resumed as if at the start of the epoch, the weights differ.
+    state_file = tmp_path / "from_step_2" / "checkpoints" / "step_2" / "training_state.json"
+    assert json.loads(state_file.read_text()) == {"completed_steps": 2, "epoch": 0, "batches_in_epoch": 4}
+    state_file.write_text(json.dumps({"completed_steps": 2, "epoch": 0, "batches_in_epoch": 0}))
+    misplaced = _train_toy_model(tmp_path / "from_step_2", resume_from=str(state_file.parent))
+    assert not all(torch.equal(reference[name], misplaced[name]) for name in reference)
