@@ -35,7 +35,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object
+from accelerate.utils import DataLoaderConfiguration, DistributedType, find_batch_size, gather_object
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -396,32 +396,26 @@ class TrainingOutcome:
     completed_steps: int
     train_runtime: float
     num_processes: int
-    steady_steps_per_second: float | None = None
-    """Optimizer steps per second after the first `LoopClock.warmup_steps` of the run, evaluation left out."""
+    samples_per_second: float | None = None
+    """Training samples per second over all processes after the first `LoopClock.warmup_steps` optimizer steps of
+    the run, evaluation left out (None when the run had no more steps than that)."""
     data_wait_fraction: float | None = None
     """Share of the training time spent waiting for the next batch: near 0 when the data pipeline keeps up."""
     max_epoch_start_wait: float | None = None
     """Longest wait for the first batch of an epoch after the first (the stall at an epoch boundary), seconds."""
 
     def results_fields(self) -> dict:
-        """What a results file says about the training run (see `modeling_pvt.results`): its length, and its speed:
-        steady-state samples per second on one process (`train_samples_per_second` multiplies by the processes' batch),
-        the share of time spent waiting for data, and the longest stall at an epoch boundary."""
+        """What a results file says about the training run (see `modeling_pvt.results`): its length and its speed."""
         return {
             "train_loss": self.train_loss,
             "epoch": self.epochs,
             "completed_steps": self.completed_steps,
             "train_runtime": self.train_runtime,
             "num_processes": self.num_processes,
-            "train_steps_per_second": self.steady_steps_per_second,
+            "train_samples_per_second": self.samples_per_second,
             "train_data_wait_fraction": self.data_wait_fraction,
             "train_max_epoch_start_wait": self.max_epoch_start_wait,
         }
-
-    def samples_per_second(self, global_batch_size: int) -> float | None:
-        """Steady-state training samples per second over all processes (`train_samples_per_second`)."""
-        steps = self.steady_steps_per_second
-        return steps * global_batch_size if steps else None
 
 
 class LoopClock:
@@ -436,15 +430,16 @@ class LoopClock:
 
     def __init__(self):
         self.steps = 0
-        self.steady_steps = 0
+        self.steady_samples = 0
         self.steady_seconds = 0.0
         self.training_seconds = 0.0
         self.data_wait = 0.0
         self.epoch_start_waits: list[float] = []
+        self._step_samples = 0
         self._last = time.perf_counter()
 
     def batches(self, batches: Iterable, first_epoch: bool) -> Iterator:
-        """`batches`, timing each wait for the next one."""
+        """`batches`, timing each wait for the next one and counting their samples."""
         self._last = time.perf_counter()  # evaluation between epochs is not training time
         iterator = iter(batches)
         waits = self.epoch_start_waits if not first_epoch else []
@@ -459,13 +454,16 @@ class LoopClock:
             if waits is not None:
                 waits.append(waited)
                 waits = None
+            self._step_samples += find_batch_size(item)
             yield item
 
     def step_done(self) -> None:
+        """An optimizer step ended (after as many batches as the gradient accumulation takes)."""
         self._count(time.perf_counter())
         self.steps += 1
         if self.steps > self.warmup_steps:
-            self.steady_steps += 1
+            self.steady_samples += self._step_samples
+        self._step_samples = 0
 
     def epoch_end(self) -> None:
         self._count(time.perf_counter())
@@ -476,6 +474,11 @@ class LoopClock:
         if self.steps >= self.warmup_steps:
             self.steady_seconds += elapsed
         self._last = now
+
+    def samples_per_second(self, num_processes: int) -> float | None:
+        if not self.steady_samples:
+            return None
+        return self.steady_samples * num_processes / self.steady_seconds
 
 
 class TrainingLoop:
@@ -516,13 +519,13 @@ class TrainingLoop:
     def _checkpoint(self, name: str, progress: TrainingProgress) -> None:
         save_checkpoint(self.accelerator, self.output_dir, name, progress, self.checkpoints_total_limit)
 
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple[int, dict]]:
+    def _epoch_batches(self, epoch: int, clock: LoopClock) -> Iterator[tuple[int, dict]]:
         self.train_dataloader.set_epoch(epoch)  # the sampler's order
         if hasattr(self.train_dataloader.dataset, "set_epoch"):  # the augmentation (accelerate sets only one of them)
             self.train_dataloader.dataset.set_epoch(epoch)
         skip = self.start.batches_in_epoch if epoch == self.start.epoch else 0
         batches = self.accelerator.skip_first_batches(self.train_dataloader, skip) if skip else self.train_dataloader
-        yield from enumerate(batches, start=skip)
+        yield from enumerate(clock.batches(batches, first_epoch=epoch == self.start.epoch), start=skip)
 
     def run(
         self,
@@ -547,7 +550,7 @@ class TrainingLoop:
             for epoch in range(self.start.epoch, self.plan.num_train_epochs):
                 model.train()
                 loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
-                for batch_index, batch in clock.batches(self._epoch_batches(epoch), epoch == self.start.epoch):
+                for batch_index, batch in self._epoch_batches(epoch, clock):
                     with accelerator.accumulate(model):
                         loss = compute_loss(batch)
                         accelerator.backward(loss)
@@ -596,7 +599,7 @@ class TrainingLoop:
             completed_steps,
             time.perf_counter() - started,
             accelerator.num_processes,
-            steady_steps_per_second=clock.steady_steps / clock.steady_seconds if clock.steady_steps else None,
+            samples_per_second=clock.samples_per_second(accelerator.num_processes),
             data_wait_fraction=clock.data_wait / clock.training_seconds if clock.training_seconds else None,
             max_epoch_start_wait=max(clock.epoch_start_waits, default=None),
         )

@@ -366,7 +366,6 @@ def main(argv: list[str] | None = None) -> None:
         **data.results_fields(),
         **outcome.results_fields(),
         "train_samples": len(train_dataset),
-        "train_samples_per_second": outcome.samples_per_second(global_batch_size),
         "torch_compile_graphs": training.compiled_graph_count(model),
         "total_runtime": time.perf_counter() - start_time,
         "global_batch_size": global_batch_size,

@@ -170,6 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     schedule.add_argument("--seed", type=int, default=42)
     training.add_checkpoint_arguments(parser)
     training.add_hub_arguments(parser)
+    training.add_compile_argument(parser)
     args = parser.parse_args(argv)
 
     if (args.dataset_name is None) == (args.train_dir is None):
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args, labels)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not args.no_sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    training.compile_model(model, args.torch_compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         **scores,
         **data.results_fields(),
         **outcome.results_fields(),
+        "torch_compile_graphs": training.compiled_graph_count(model),
         "train_samples": len(train_dataset),
         "num_labels": len(labels),
         "ignore_index": args.ignore_index,

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from conftest import TINY_CONFIG
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from script_launch import environment, launch_command, run
+from script_launch import SCRIPTS, environment, launch_command, run
 
 import modeling_pvt  # noqa: F401  (registers the pvt backbone for UperNet's from_pretrained)
 from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
@@ -360,6 +361,16 @@ def test_two_process_training_run(segmentation_run, segmentation_data, mean_iou)
     assert scores["mean_iou"] == results["eval_mean_iou"]
     assert f"| Mean IoU | {100 * results['eval_mean_iou']:.2f}% |" in card.text
     assert "AutoModelForSemanticSegmentation" in card.text
+
+
+def test_torch_compile_captures_one_graph_for_training_and_one_for_evaluation(segmentation_data, tmp_path):
+    """One process, 5 validation images in batches of 2: the last, smaller batch must not compile again."""
+    output_dir = tmp_path / "compiled"
+    arguments = [*training_arguments(segmentation_data, output_dir), "--torch_compile", "eager"]
+    run([sys.executable, str(SCRIPTS / "train_segmentation.py"), *arguments])
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["torch_compile_graphs"] == 2
+    assert results["eval_samples"] == 5
 
 
 def test_push_to_hub_uploads_the_model_without_checkpoints(segmentation_run, hub):
