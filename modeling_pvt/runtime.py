@@ -81,10 +81,6 @@ def configure_allocator(
     return applied
 
 
-# The name scripts/train.py calls.
-tune_allocator = configure_allocator
-
-
 def allocator_environment(threshold: int = DEFAULT_ALLOCATOR_THRESHOLD_BYTES) -> dict[str, str]:
     """Environment variables that give a new process the same allocator settings from its start (glibc)."""
     return {"MALLOC_MMAP_THRESHOLD_": str(int(threshold)), "MALLOC_TRIM_THRESHOLD_": str(int(threshold))}
@@ -106,5 +102,4 @@ __all__ = [
     "allocator_environment",
     "allocator_settings",
     "configure_allocator",
-    "tune_allocator",
 ]
