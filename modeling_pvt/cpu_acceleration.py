@@ -295,7 +295,7 @@ def _time_route(name: str, layer: nn.Module, hidden_states: torch.Tensor, height
         inputs = hidden_states.detach().requires_grad_()
         output = ROUTES[name](layer, inputs, height, width)
         wrt = [inputs, *(p for p in layer.parameters() if p.requires_grad)]
-        torch.autograd.grad(output, wrt, torch.ones_like(output))
+        torch.autograd.grad(output, wrt, torch.ones_like(output), allow_unused=True)
     else:
         ROUTES[name](layer, hidden_states, height, width)
     return time.perf_counter() - start
