@@ -493,14 +493,14 @@ def reset_peak_resident_memory() -> bool:
 
 
 def child_memory(spec: dict) -> dict:
-    """Resident memory of this fresh process (documented allocator settings) around two forward passes: the first
-    (which includes the acceleration's one-time measurement) and the next.
+    """Resident memory of this fresh process around two forward passes: the first (which includes the acceleration's
+    one-time measurement) and the next. The allocator is left at its default here: with the documented settings
+    freed blocks stay in the process, so the resident set would count memory that is free, not what is in use.
 
     Where Linux lets us restart the high-water mark (VmHWM) after the model is built, the peak above that resting
     state is measured directly. Elsewhere the process reports its lifetime peak (`ru_maxrss`) and the parent
     subtracts the peak of a twin process that builds the same model and skips the forward passes.
     """
-    configure_allocator()
     models = build_models(spec["preset"], tuple(spec["image_size"]), "cpu")
     model = models[spec["model"]].eval()
     del models
@@ -550,7 +550,7 @@ def run_memory_rows(plan: Plan, threads: int, smoke: bool) -> dict:
     return {
         "case": f"peak forward memory {plan.detection_preset} {plan.detection_size[0]}x{plan.detection_size[1]}",
         "method": (
-            "fresh process per model, documented allocator settings; resident-set high-water mark restarted after "
+            "fresh process per model, default allocator; resident-set high-water mark restarted after "
             "building the model and after the first forward (or, where that is impossible, lifetime peak minus a "
             "twin process without the forwards), inference forwards"
         ),
@@ -693,8 +693,9 @@ def markdown_table(results: dict) -> str:
     lines = [
         f"Measured {results['finished']} on {machine_label(machine)}, torch {machine['torch']}, transformers "
         f"{machine['transformers']}, {results['dtype'].removeprefix('torch.')}, allocator settings as documented for "
-        f"every model; load average {results['load_average']['start']} at start, {results['load_average']['end']} "
-        f"at end. {size}x{size} GEMMs in the same rounds: {rates}; MFU is against the faster. Speed-up = median of "
+        f"every timed model (memory: default allocator, see the JSON); load average "
+        f"{results['load_average']['start']} at start, {results['load_average']['end']} at end. "
+        f"{size}x{size} GEMMs in the same rounds: {rates}; MFU is against the faster. Speed-up = median of "
         f"per-round ratios; {kept} of {run} timed rounds kept (rounds during which other processes used more than "
         f"{results['plan']['max_foreign_load']:.0%} of the CPUs were repeated).",
         "",
@@ -812,6 +813,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes: runs in seconds")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes of compiling)")
     parser.add_argument("--rounds", type=int, help="timed rounds per in-process comparison")
+    parser.add_argument("--presets", nargs="+", choices=("tiny", "small"), help="eval presets (default: tiny small)")
     parser.add_argument("--output", type=Path, help="JSON results (default benchmarks/results_<device>.json)")
     parser.add_argument("--chart", type=Path, help="PNG chart (default next to the JSON)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -832,6 +834,8 @@ def main(argv: list[str] | None = None) -> dict:
     configure_allocator()  # the documented settings, for every model alike
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     plan = Plan.build(args.smoke, device, args.rounds)
+    if args.presets and not args.smoke:
+        plan.presets = tuple(args.presets)
     output = args.output or REPO_ROOT / "benchmarks" / f"results_{device}{'_smoke' if args.smoke else ''}.json"
     chart = args.chart or output.with_suffix(".png")
 
