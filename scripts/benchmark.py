@@ -505,19 +505,19 @@ def child_memory(spec: dict) -> dict:
     model = models[spec["model"]].eval()
     del models
     pixel_values = torch.randn(1, 3, *spec["image_size"])
-    if platform.libc_ver()[0] == "glibc":
-        # give the model build's freed scratch memory back, so that the baseline is what is alive
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    can_reset = reset_peak_resident_memory()
     peaks = {}
     for forward in ("first", "next"):
+        if platform.libc_ver()[0] == "glibc":
+            # give freed memory (the model build's scratch, the first forward's blocks) back to the kernel, so that
+            # the baseline is what is alive and the next forward's peak is not hidden by blocks kept from the first
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        can_reset = reset_peak_resident_memory()
         before = read_status_kib("VmHWM") if can_reset else 0
         if spec["forward"]:
             with torch.inference_mode():
                 model(pixel_values)
         if can_reset:
             peaks[forward] = (read_status_kib("VmHWM") - before) / 1024
-            reset_peak_resident_memory()
     if can_reset:
         return {"method": "VmHWM", "peak_above_resting_mib": peaks, "resting_mib": before / 1024}
     import resource
