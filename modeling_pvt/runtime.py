@@ -9,7 +9,8 @@ activation of PVT-small is 16 x 3136 x 512 floats = 98 MiB), so every call maps 
 zero-fills about 1 GiB of them again; with the settings below the same stock model ran about 1.35x faster on 2 cores
 (measured by an earlier version of scripts/benchmark.py, which now runs every model with these settings so that no
 comparison comes from the allocator alone). This package's CPU inference route keeps its temporaries small (it
-works on cache-sized blocks of tokens), but large batches, training and other code in the process still benefit. Raising both thresholds keeps freed blocks in the process for the next call. The price:
+works on cache-sized blocks of tokens), but large batches, training and other code in the process still benefit.
+Raising both thresholds keeps freed blocks in the process for the next call. The price:
 memory freed by PyTorch is not returned to the operating system while the process lives (its resident size stays at
 its high-water mark), which suits a training or inference process and is why this is an explicit call rather than
 something `import modeling_pvt` does.
