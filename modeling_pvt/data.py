@@ -22,16 +22,18 @@ Bad data policy:
 import io
 import logging
 import os
-import random
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
 import torch
 from PIL import Image
+
+from .results import dataset_fields
+from .training import EpochSeededDataset
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +68,21 @@ class ImageClassificationData:
     labels: list[str]
     image_column: str
     label_column: str
-    name: str
-    """A short description of the source, for results files and model cards."""
+    dataset_name: str
+    """The dataset id (`DIGITS_DATASET_NAME` for the embedded default, `imagefolder:<train_dir>` for folders)."""
+    dataset_config_name: str | None
     validation_split_name: str
     """`"validation"`, `"test"`, or e.g. `"train[20% held out, seed 42]"` when carved out of the training split."""
     skipped_images: int = 0
+
+    @property
+    def name(self) -> str:
+        """A short description of the source, for logs."""
+        return self.dataset_name + (f" ({self.dataset_config_name})" if self.dataset_config_name else "")
+
+    def results_fields(self) -> dict:
+        """What a results file says about the evaluated data (see `modeling_pvt.results`)."""
+        return dataset_fields(self.dataset_name, self.dataset_config_name, self.validation_split_name)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -79,6 +91,64 @@ class ImageClassificationData:
     @property
     def label2id(self) -> dict[str, int]:
         return {label: index for index, label in enumerate(self.labels)}
+
+
+@dataclass
+class DataArguments:
+    """The data options of every image-classification script, parsed with `transformers.HfArgumentParser`."""
+
+    _argument_group_name = "data"  # HfArgumentParser's --help section (a class attribute, not an option)
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A dataset on the Hub or saved on disk; none (and no folders): digits."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Training image folder, one sub-folder per class."})
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "Validation image folder, one sub-folder per class."}
+    )
+    split: str | None = field(
+        default=None,
+        metadata={"help": "Held-out split of --dataset_name (default: validation, else test, else part of train)."},
+    )
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Fraction of train held out when there is no validation split."}
+    )
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the images (default: the first image column)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the labels (default: the first class column)."}
+    )
+    image_check: Literal["verify", "decode", "none"] = field(
+        default="verify",
+        metadata={
+            "help": "Up-front check of every image; unreadable ones are skipped with a warning. 'decode' also catches "
+            "truncated files, at the cost of decoding everything once."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for the up-front image check (cached by datasets)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N held-out samples."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets and models downloads are cached."})
+
+    @property
+    def uses_embedded_dataset(self) -> bool:
+        return self.dataset_name is None and self.train_dir is None and self.validation_dir is None
+
+    def load(self) -> ImageClassificationData:
+        """`load_image_classification_data` with these options, for command-line scripts: a `DataError` ends the
+        process with its message instead of a traceback."""
+        options = {item.name: getattr(self, item.name) for item in fields(self)}
+        options["validation_split_name"] = options.pop("split")
+        options["check_images"] = options.pop("image_check")
+        options["num_proc"] = options.pop("preprocessing_num_workers")
+        try:
+            return load_image_classification_data(**options)
+        except DataError as error:
+            raise SystemExit(f"Data error: {error}") from error
 
 
 def load_digits_dataset() -> datasets.Dataset:
@@ -232,12 +302,15 @@ def load_image_classification_data(
     check_images: str = "verify",
     num_proc: int | None = None,
     validation_split_name: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
 ) -> ImageClassificationData:
     """Load train and validation splits; see the module docstring for the sources and the bad-data policy.
 
     Without a validation split (or folder) a stratified `train_val_split` fraction of the training data is held out
     with `split_seed`. `check_images` is `"verify"`, `"decode"` or `"none"`. `validation_split_name` picks the
     held-out split of a named dataset (default: `validation`, else `test`, else carved out of `train`).
+    `max_train_samples` / `max_eval_samples` keep only the first N of each split (before the image check).
     """
     if check_images not in ("verify", "decode", "none"):
         raise ValueError(f"check_images must be 'verify', 'decode' or 'none', got {check_images!r}.")
@@ -245,11 +318,10 @@ def load_image_classification_data(
         raise DataError("Pass either a dataset name or image folders (train_dir/validation_dir), not both.")
 
     if dataset_name is None and train_dir is None and validation_dir is None:
-        name = DIGITS_DATASET_NAME
+        dataset_name, dataset_config_name = DIGITS_DATASET_NAME, None
         splits = datasets.DatasetDict({"train": load_digits_dataset()})
         train_val_split = DIGITS_VALIDATION_FRACTION
     elif dataset_name is not None:
-        name = dataset_name + (f" ({dataset_config_name})" if dataset_config_name else "")
         splits = _load_named_dataset(dataset_name, dataset_config_name, cache_dir)
     else:
         if train_dir is None:
@@ -262,7 +334,7 @@ def load_image_classification_data(
             if folder is not None:
                 _check_image_folder(folder, argument)
                 data_files[split] = str(Path(folder) / "**")
-        name = f"imagefolder:{train_dir}"
+        dataset_name, dataset_config_name = f"imagefolder:{train_dir}", None
         splits = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
 
     if validation_split_name is not None and validation_split_name not in splits and validation_split_name != "train":
@@ -319,7 +391,11 @@ def load_image_classification_data(
     )
     for split, dataset in (("train", train), ("validation", validation)):
         if len(dataset) == 0:
-            raise DataError(f"The {split} split of {name} is empty.")
+            raise DataError(f"The {split} split of {dataset_name} is empty.")
+    if max_train_samples is not None:
+        train = train.select(range(min(max_train_samples, len(train))))
+    if max_eval_samples is not None:
+        validation = validation.select(range(min(max_eval_samples, len(validation))))
 
     skipped = 0
     if check_images != "none":
@@ -335,7 +411,8 @@ def load_image_classification_data(
         labels=labels,
         image_column=image_column,
         label_column=label_column,
-        name=name,
+        dataset_name=dataset_name,
+        dataset_config_name=dataset_config_name,
         validation_split_name=held_out,
         skipped_images=skipped,
     )
@@ -354,28 +431,11 @@ def decode_image(value: dict | None, description: str) -> Image.Image:
         raise UnreadableImageError(f"Cannot decode image {description}: {type(error).__name__}: {error}") from error
 
 
-@contextmanager
-def seeded_random_state(seed: int):
-    """Run a block with Python, NumPy and torch (CPU) random generators seeded by `seed`, then restore them."""
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
-class ImageClassificationDataset(torch.utils.data.Dataset):
+class ImageClassificationDataset(EpochSeededDataset):
     """A map-style torch dataset: decodes, converts to RGB and transforms images into `pixel_values`, `labels`.
 
-    With `augmentation_seed`, the random augmentation of sample `index` in epoch `epoch` is a pure function of
-    (`augmentation_seed`, `epoch`, `index`): it does not depend on the number of data-loader workers, on which rank
-    loads the sample, or on whether training was interrupted and resumed. Call `set_epoch` before each epoch.
+    With `augmentation_seed`, the random augmentation of a sample is a pure function of the seed, the epoch and the
+    sample's index (see `EpochSeededDataset`).
     """
 
     def __init__(
@@ -387,31 +447,21 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         split: str,
         augmentation_seed: int | None = None,
     ):
+        super().__init__(augmentation_seed)
         self.dataset = dataset
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
         self.split = split
-        self.augmentation_seed = augmentation_seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _sample_seed(self, index: int) -> int:
-        return int(np.random.SeedSequence([self.augmentation_seed, self.epoch, index]).generate_state(1)[0])
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         row = self.dataset[int(index)]
         image = decode_image(row[self.image_column], _describe_image(row[self.image_column], index, self.split))
-        if self.augmentation_seed is None:
+        with self.augmentation(index):
             pixel_values = self.transform(image)
-        else:
-            with seeded_random_state(self._sample_seed(index)):
-                pixel_values = self.transform(image)
         return {"pixel_values": pixel_values, "labels": row[self.label_column]}
 
 
@@ -420,29 +470,6 @@ def collate_image_batch(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
         "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
     }
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A random order of `range(num_samples)` that depends only on `seed` and the epoch set with `set_epoch`.
-
-    Every rank draws the same order (accelerate then deals the batches out), and a resumed run re-creates the order
-    of the interrupted epoch exactly, without touching the global random generators.
-    """
-
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        order_generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(self.num_samples, generator=order_generator).tolist()
 
 
 def build_train_transform(

@@ -18,13 +18,13 @@ for any `Trainer` script.
 
 import json
 import logging
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
 import transformers
 from torchvision import transforms
 from transformers import (
@@ -39,20 +39,19 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor
 from modeling_pvt.data import (
-    DIGITS_DATASET_NAME,
-    DataError,
+    DataArguments,
     ImageClassificationData,
     ImageClassificationDataset,
     build_processor_transform,
     collate_image_batch,
-    load_image_classification_data,
 )
 from modeling_pvt.metrics import load_metric
+from modeling_pvt.model_card import render_trained_card
+from modeling_pvt.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, write_results
 from modeling_pvt.runtime import configure_allocator
+from modeling_pvt.training import INTERRUPTED_MODEL_DIR_NAME, trainer_launch_arguments
 
 logger = logging.getLogger(__name__)
-
-INTERRUPTED_MODEL_DIR_NAME = "interrupted_model"
 
 # Used only for the embedded default (no dataset argument); anything on the command line overrides them.
 DIGITS_TRAINING_DEFAULTS = [
@@ -70,6 +69,16 @@ DIGITS_TRAINING_DEFAULTS = [
     "--logging_strategy", "epoch",
     "--seed", "42",
 ]  # fmt: skip
+CARD_SETTINGS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "weight_decay",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "seed",
+)
 
 
 @dataclass
@@ -94,27 +103,12 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Replace the classification head when the number of labels differs."}
     )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Dataset on the Hub or saved on disk; none (and no folders): digits."}
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
-    train_dir: str | None = field(default=None, metadata={"help": "Training image folder, one sub-folder per class."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Validation image folder."})
-    train_val_split: float = field(
-        default=0.15, metadata={"help": "Fraction of train held out when there is no validation split."}
-    )
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
-    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
-    image_check: str = field(
-        default="verify", metadata={"help": "Up-front image check: verify, decode or none (bad images are skipped)."}
-    )
+class AugmentationArguments:
     horizontal_flip: bool | None = field(
         default=None, metadata={"help": "Random horizontal flips in training (default: on, off for digits)."}
     )
@@ -122,32 +116,34 @@ class DataArguments:
         default=None,
         metadata={"help": "Smallest area fraction of the random resized crop (default 0.08; 0.6 for digits)."},
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
-
-    @property
-    def uses_embedded_dataset(self) -> bool:
-        return self.dataset_name is None and self.train_dir is None and self.validation_dir is None
 
 
-def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+class PvtTrainer(Trainer):
+    """A `Trainer` whose model card is `modeling_pvt`'s (written by `main` before saving or pushing)."""
+
+    model_card: str | None = None
+
+    def create_model_card(self, **kwargs) -> None:
+        if self.model_card is not None and self.is_world_process_zero():
+            (Path(self.args.output_dir) / "README.md").write_text(self.model_card)
+
+
+def parse_arguments(
+    argv: list[str] | None,
+) -> tuple[ModelArguments, DataArguments, AugmentationArguments, TrainingArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, AugmentationArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=str(Path(argv[0]).resolve()))
-    probe, *_ = HfArgumentParser(DataArguments).parse_known_args(argv)
-    if probe.dataset_name is None and probe.train_dir is None and probe.validation_dir is None:
+    data_probe, *_ = HfArgumentParser(DataArguments).parse_known_args(argv)
+    if DataArguments(**vars(data_probe)).uses_embedded_dataset:
         argv = DIGITS_TRAINING_DEFAULTS + argv  # later occurrences win, so the user's arguments override these
-    if not torch.accelerator.is_available():
-        # Without `use_cpu`, processes started by `accelerate launch --multi_gpu` on a CPU host would each train
-        # alone instead of joining one gloo group.
-        argv = ["--use_cpu", "True"] + argv
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=trainer_launch_arguments() + argv)
 
 
 def build_model_and_processor(model_args: ModelArguments, data_args: DataArguments, data: ImageClassificationData):
     label_kwargs = {"num_labels": len(data.labels), "id2label": data.id2label, "label2id": data.label2id}
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    hub_kwargs = {"cache_dir": data_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     if model_args.model_name_or_path:
         model = AutoModelForImageClassification.from_pretrained(
             model_args.model_name_or_path,
@@ -197,9 +193,35 @@ def train_transform_from_processor(image_processor, horizontal_flip: bool, min_c
     return transforms.Compose(steps)
 
 
+def write_model_card(
+    trainer: PvtTrainer,
+    model_args: ModelArguments,
+    augmentation: dict,
+    data: ImageClassificationData,
+    results: dict | None,
+) -> None:
+    training_args = trainer.args
+    source = model_args.model_name_or_path or f"a new PVT-{model_args.model_size}"
+    settings = {name: getattr(training_args, name) for name in CARD_SETTINGS}
+    trainer.model_card = render_trained_card(
+        repo_id=training_args.hub_model_id or Path(training_args.output_dir).resolve().name,
+        task=IMAGE_CLASSIFICATION,
+        title=f"PVT fine-tuned on {data.name}",
+        summary=f"A Pyramid Vision Transformer (PVT v1, [arXiv 2102.12122](https://arxiv.org/abs/2102.12122)) image "
+        f"classifier: {source} fine-tuned with `modeling_pvt`'s `scripts/finetune.py` (the transformers `Trainer`) "
+        f"on {len(data.labels)} classes.",
+        results=results,
+        source="`scripts/finetune.py` after training",
+        settings={**settings, **augmentation},
+        command=shlex.join(["scripts/finetune.py", *sys.argv[1:]]),
+        base_model=model_args.model_name_or_path,
+    )
+    trainer.create_model_card()
+
+
 def main(argv: list[str] | None = None) -> dict:
     configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
-    model_args, data_args, training_args = parse_arguments(argv)
+    model_args, data_args, augmentation_args, training_args = parse_arguments(argv)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
@@ -224,37 +246,20 @@ def main(argv: list[str] | None = None) -> dict:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}.")
 
     with training_args.main_process_first(desc="loading the dataset"):
-        try:
-            data = load_image_classification_data(
-                dataset_name=data_args.dataset_name,
-                dataset_config_name=data_args.dataset_config_name,
-                train_dir=data_args.train_dir,
-                validation_dir=data_args.validation_dir,
-                train_val_split=data_args.train_val_split,
-                image_column_name=data_args.image_column_name,
-                label_column_name=data_args.label_column_name,
-                cache_dir=model_args.cache_dir,
-                check_images=data_args.image_check,
-            )
-        except DataError as error:  # a message for the user, not a traceback
-            raise SystemExit(f"Data error: {error}") from error
-    if data_args.max_train_samples is not None:
-        data.train = data.train.select(range(min(data_args.max_train_samples, len(data.train))))
-    if data_args.max_eval_samples is not None:
-        data.validation = data.validation.select(range(min(data_args.max_eval_samples, len(data.validation))))
-
+        data = data_args.load()
     model, image_processor = build_model_and_processor(model_args, data_args, data)
-    horizontal_flip = data_args.horizontal_flip
-    if horizontal_flip is None:
-        horizontal_flip = not data_args.uses_embedded_dataset  # a mirrored digit is not the same digit
-    min_crop_scale = data_args.min_crop_scale
-    if min_crop_scale is None:
-        min_crop_scale = 0.6 if data_args.uses_embedded_dataset else 0.08  # an 8x8 digit survives only mild crops
+    # Digits: a mirrored digit is not the same digit, and an 8x8 digit survives only mild crops.
+    digits = data_args.uses_embedded_dataset
+    horizontal_flip, min_crop_scale = augmentation_args.horizontal_flip, augmentation_args.min_crop_scale
+    augmentation = {
+        "horizontal_flip": not digits if horizontal_flip is None else horizontal_flip,
+        "min_crop_scale": (0.6 if digits else 0.08) if min_crop_scale is None else min_crop_scale,
+    }
     train_dataset = ImageClassificationDataset(
         data.train,
         data.image_column,
         data.label_column,
-        train_transform_from_processor(image_processor, horizontal_flip, min_crop_scale),
+        train_transform_from_processor(image_processor, **augmentation),
         split="train",
     )
     eval_dataset = ImageClassificationDataset(
@@ -268,9 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def compute_metrics(prediction) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return metric.compute(predictions=np.asarray(logits, dtype=np.float32), references=prediction.label_ids)
+        scores = metric.compute(predictions=np.asarray(logits, dtype=np.float32), references=prediction.label_ids)
+        return {"accuracy": scores["accuracy"], "top5_accuracy": scores["top5_accuracy"]}
 
-    trainer = Trainer(
+    trainer = PvtTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
@@ -293,26 +299,19 @@ def main(argv: list[str] | None = None) -> dict:
         # Save before evaluating: a failing evaluation must not lose the trained model.
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
         results.update(train_result.metrics)
     if training_args.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
         results.update(metrics)
-
-    card = {
-        "finetuned_from": model_args.model_name_or_path,
-        "tasks": "image-classification",
-        "dataset": DIGITS_DATASET_NAME if data_args.uses_embedded_dataset else data.name,
-        "tags": ["image-classification", "vision", "pvt"],
-    }
+    results.update(data.results_fields())
+    if trainer.is_world_process_zero():
+        write_results(output_dir / RESULTS_FILE_NAME, results)
+    write_model_card(trainer, model_args, augmentation, data, results if training_args.do_eval else None)
     if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
+        trainer.push_to_hub()
     return results
 
 

@@ -14,10 +14,11 @@ with `modeling_pvt` (every weight must be accounted for; pickled `.bin` weights 
 `torch.load(weights_only=True)`) and written back with `save_pretrained`, which gives `config.json` with its
 `auto_map`, `model.safetensors` and the Hub code files (`configuration_pvt.py`, `modeling_pvt.py`,
 `image_processing_pvt.py`); the image processor adds `preprocessor_config.json`. `README.md` is the size's model card
-from `scripts/make_model_cards.py`, with the checkpoint's measured results (`eval_results.json` / `all_results.json`)
-when present; the size is the `--size` given (in `--sizes` mode, the folder's) or the paper size whose ImageNet-1k
-classifier the config describes. Other checkpoints keep the README.md of their folder, else get a minimal card. No
-pickle file is ever published.
+(`modeling_pvt.model_card`, as `scripts/make_model_cards.py` writes it), with the checkpoint's measured results
+(`eval_results.json` / `all_results.json`, the schema of `modeling_pvt.results`) when present; the size is the
+`--size` given (in `--sizes` mode, the folder's) or the paper size whose ImageNet-1k classifier the config describes.
+Other checkpoints keep the README.md of their folder (the training scripts write one), else get a short card from
+the same renderer. No pickle file is ever published.
 
 It is pushed as ONE commit (`create_repo(exist_ok=True)` + `create_commit`). Files whose content the Hub already
 has are skipped by `huggingface_hub` itself (the Hub's preupload answer carries each remote file's hash), so pushing
@@ -25,11 +26,8 @@ an unchanged folder again makes no commit at all. The token comes from `HF_TOKEN
 printed or written anywhere by this script.
 """
 
-from __future__ import annotations
-
 import argparse
 import fnmatch
-import importlib.util
 import json
 import logging
 import sys
@@ -37,13 +35,19 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+
+from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor
+from modeling_pvt.model_card import render_paper_size_card, render_trained_card
+from modeling_pvt.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, read_results
+
 logger = logging.getLogger("push_to_hub")
 
-SIZES = ("tiny", "small", "medium", "large")
 HUB_CODE_FILES = ("configuration_pvt.py", "modeling_pvt.py", "image_processing_pvt.py")
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForImageClassification", "AutoImageProcessor")
-# Results written by scripts/evaluate.py (eval_results.json) and the trainer (all_results.json); the latter wins.
-RESULTS_FILES = ("eval_results.json", "all_results.json")
+# Results written by scripts/eval_classification.py (--output_file eval_results.json) and the training scripts
+# (all_results.json); the latter wins.
+RESULTS_FILES = ("eval_results.json", RESULTS_FILE_NAME)
 # Remote files that would contradict a safetensors-only repo (or shadow model.safetensors) are deleted in the commit.
 STALE_REMOTE_PATTERNS = (
     "*.bin",
@@ -66,7 +70,6 @@ ARCHITECTURE_FIELDS = (
     "patch_sizes",
     "strides",
 )
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class PublishError(RuntimeError):
@@ -84,11 +87,9 @@ class PushResult:
 
 
 # --------------------------------------------------------------------------------------------------- model card
-def infer_size(config) -> str | None:
+def infer_size(config: PvtConfig) -> str | None:
     """The paper size whose ImageNet-1k classifier the config describes (None for any other model: a fine-tuned
     head on another label set must not get the ImageNet card)."""
-    from modeling_pvt import PVT_PRESETS, PvtConfig
-
     for size in PVT_PRESETS:
         preset = PvtConfig.from_preset(size)
         if all(getattr(config, name) == getattr(preset, name) for name in (*ARCHITECTURE_FIELDS, "num_labels")):
@@ -96,90 +97,40 @@ def infer_size(config) -> str | None:
     return None
 
 
-def read_results(model_dir: Path) -> dict | None:
+def read_checkpoint_results(model_dir: Path) -> dict | None:
     """The measured results stored next to the checkpoint (None when there are none)."""
     results: dict = {}
     for name in RESULTS_FILES:
-        path = model_dir / name
-        if path.is_file():
-            results.update(json.loads(path.read_text()))
+        results.update(read_results(Path(model_dir) / name) or {})
     return results or None
 
 
-def _load_card_renderer():
-    """`render_model_card(size, results, repo_id)` of scripts/make_model_cards.py (None when that script is absent)."""
-    path = Path(__file__).with_name("make_model_cards.py")
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("make_model_cards", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, "render_model_card", None)
-
-
-def _minimal_card(repo_name: str, results: dict | None) -> str:
-    """A short card for a checkpoint that is not one of the paper's sizes (or when no card template exists)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        license="apache-2.0",
-        tags=["vision", "image-classification", "pvt"],
-    )
-    lines = [
-        "---",
-        card_data.to_yaml(),
-        "---",
-        "",
-        f"# {repo_name}",
-        "",
-        "A Pyramid Vision Transformer (PVT v1, [arXiv 2102.12122](https://arxiv.org/abs/2102.12122)) image classifier "
-        "in the `transformers` format (weights in safetensors; the modelling code ships with the repo for "
-        "`trust_remote_code=True`).",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'classifier = pipeline("image-classification", model="{repo_name}")',
-        "```",
-    ]
-    if results:
-        lines += ["", "## Measured results", "", "As written by the run that produced the checkpoint:", ""]
-        lines += [f"- `{key}`: {value}" for key, value in sorted(results.items())]
-    return ModelCard("\n".join(lines) + "\n").content
-
-
 def render_card(size: str | None, results: dict | None, repo_id: str, model_dir: Path | None = None) -> str:
-    """The README.md of the repo.
-
-    A paper size gets its card from scripts/make_model_cards.py, with the measured results (the committed
-    `model_cards/pvt-<size>.md` if that script is missing). Any other checkpoint keeps the card its folder has
-    (scripts/train.py writes one), else gets a minimal card.
-    """
-    if size is not None:
-        renderer = _load_card_renderer()
-        if renderer is not None:
-            try:
-                return renderer(size, results, repo_id)
-            except ValueError as error:
-                raise PublishError(f"Cannot write the PVT-{size} model card: {error}") from error
-        committed = REPO_ROOT / "model_cards" / f"pvt-{size}.md"
-        if committed.is_file():
-            if results:
-                logger.warning("scripts/make_model_cards.py is missing: the card will not show the measured results.")
-            return committed.read_text()
-    if model_dir is not None and (Path(model_dir) / "README.md").is_file():
-        logger.info("Publishing the model card of %s as it is.", model_dir)
-        return (Path(model_dir) / "README.md").read_text()
-    return _minimal_card(repo_id, results)
+    """The README.md of the repo: the paper size's card with the measured results; for any other checkpoint the card
+    its folder has (the training scripts write one), else a short card of the same renderer."""
+    try:
+        if size is not None:
+            return render_paper_size_card(size, results, repo_id)
+        if model_dir is not None and (Path(model_dir) / "README.md").is_file():
+            logger.info("Publishing the model card of %s as it is.", model_dir)
+            return (Path(model_dir) / "README.md").read_text()
+        return render_trained_card(
+            repo_id=repo_id,
+            task=IMAGE_CLASSIFICATION,
+            title=repo_id.split("/")[-1],
+            summary="A Pyramid Vision Transformer (PVT v1, [arXiv 2102.12122](https://arxiv.org/abs/2102.12122)) "
+            "image classifier in the `transformers` format (weights in safetensors; the modelling code ships with the "
+            "repo for `trust_remote_code=True`).",
+            results=results,
+            source="the run that produced the checkpoint",
+        )
+    except ValueError as error:
+        raise PublishError(f"Cannot write the model card of {repo_id}: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------------------ assemble
 def assemble_repo_folder(model_dir: Path, output_dir: Path, repo_id: str, size: str | None = None) -> list[str]:
     """Writes the Hub repo of the checkpoint in `model_dir` to `output_dir`; returns the files, relative to it."""
-    from modeling_pvt import PvtForImageClassification, PvtImageProcessor
-
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     if not (model_dir / "config.json").is_file():
         raise PublishError(f"{model_dir} holds no config.json: expected a save_pretrained folder.")
@@ -224,7 +175,7 @@ def assemble_repo_folder(model_dir: Path, output_dir: Path, repo_id: str, size: 
         logger.warning("%s has no preprocessor_config.json: publishing the default PVT preprocessing.", model_dir)
         image_processor = PvtImageProcessor()
     image_processor.save_pretrained(output_dir)
-    (output_dir / "README.md").write_text(render_card(size, read_results(model_dir), repo_id, model_dir))
+    (output_dir / "README.md").write_text(render_card(size, read_checkpoint_results(model_dir), repo_id, model_dir))
 
     _check_repo_folder(output_dir)
     return sorted(path.relative_to(output_dir).as_posix() for path in output_dir.rglob("*") if path.is_file())
@@ -252,8 +203,6 @@ def _is_stale_remote_file(path: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------- push
 def require_token() -> None:
     """Stops early when no token is available (the token itself is left to huggingface_hub, never handled here)."""
-    from huggingface_hub import get_token
-
     if get_token() is None:
         raise PublishError("No Hugging Face token found: set HF_TOKEN or run `hf auth login` first.")
 
@@ -267,8 +216,6 @@ def push_folder(
     commit_message: str | None = None,
 ) -> PushResult:
     """Pushes the files of `folder` to `repo_id` in one commit (none when the Hub already has them all)."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
     require_token()
     api = HfApi()
     user = api.whoami()["name"]  # fails early, before any upload, on an invalid token
@@ -329,11 +276,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", type=Path, help="A save_pretrained folder (e.g. from the conversion script).")
     parser.add_argument("--repo_id", help="Target repo, ORG/NAME.")
-    parser.add_argument("--size", choices=SIZES, help="Paper size of the card (default: inferred from the config).")
+    parser.add_argument(
+        "--size", choices=list(PVT_PRESETS), help="Paper size of the card (default: inferred from the config)."
+    )
     parser.add_argument(
         "--sizes",
         nargs="*",
-        choices=SIZES,
+        choices=list(PVT_PRESETS),
         help="Publish these sizes (all four if none given) from CHECKPOINTS_DIR/pvt-<size> to NAMESPACE/pvt-<size>.",
     )
     parser.add_argument("--checkpoints_dir", type=Path, help="With --sizes: the folder holding pvt-<size>/ folders.")
@@ -353,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--sizes takes --checkpoints_dir and --namespace, not --model_dir/--repo_id/--size.")
         if args.checkpoints_dir is None or args.namespace is None:
             parser.error("--sizes needs --checkpoints_dir and --namespace.")
-        args.sizes = args.sizes or list(SIZES)
+        args.sizes = args.sizes or list(PVT_PRESETS)
     elif args.model_dir is None or args.repo_id is None:
         parser.error("give --model_dir and --repo_id (or --sizes with --checkpoints_dir and --namespace).")
     elif args.repo_id.count("/") != 1:

@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors.torch import load, load_file
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
+from modeling_pvt.model_card import render_paper_size_card
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -117,6 +118,11 @@ def assert_no_token_in_files(*folders: Path) -> None:
                 assert TOKEN.encode() not in path.read_bytes(), f"the token was written to {path}"
 
 
+def toy_results(accuracy: float) -> dict:
+    """A results file of the schema every script writes (`modeling_pvt.results`)."""
+    return {"eval_accuracy": accuracy, "eval_samples": 16, "dataset_name": "toy-shapes", "split": "validation"}
+
+
 def make_checkpoint(folder: Path, seed: int, results: dict | None = None) -> Path:
     """A tiny PVT classifier saved like the conversion script's output (weights, config, processor, results)."""
     torch.manual_seed(seed)
@@ -164,7 +170,7 @@ def hub():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"), seed=0, results={"eval_accuracy": 0.8125})
+    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"), seed=0, results=toy_results(0.8125))
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +294,7 @@ def test_pushing_an_unchanged_folder_makes_no_commit(hub, published, checkpoint,
 
     # Control: the same push with one changed file is not skipped; on a branch, main stays as it was.
     changed = Path(shutil.copytree(checkpoint, tmp_path / "changed"))
-    (changed / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.6875}))
+    (changed / "all_results.json").write_text(json.dumps(toy_results(0.6875)))
     push(hub, tmp_path / "home", "--model_dir", str(changed), "--repo_id", REPO_ID, "--revision", "candidate",
          "--commit_message", "Update the results")  # fmt: skip
     assert hub.commits(REPO_ID)[0].commit_id == head_before
@@ -301,12 +307,18 @@ def test_pushing_an_unchanged_folder_makes_no_commit(hub, published, checkpoint,
 
 
 def test_sizes_mode_publishes_each_size_to_its_own_repo(hub, tmp_path):
-    make_model_cards = load_script("make_model_cards")
     checkpoints = tmp_path / "converted"
     for seed, size in enumerate(("tiny", "small")):
         make_checkpoint(checkpoints / f"pvt-{size}", seed=seed)
-    # As scripts/train.py writes it (it names the dataset `dataset`).
-    tiny_results = {"eval_accuracy": 0.7512, "eval_top5_accuracy": 0.9275, "dataset": "imagenet-1k", "epoch": 300}
+    # As scripts/train.py writes it.
+    tiny_results = {
+        "eval_accuracy": 0.7512,
+        "eval_top5_accuracy": 0.9275,
+        "eval_samples": 50000,
+        "dataset_name": "imagenet-1k",
+        "split": "validation",
+        "epoch": 300,
+    }
     (checkpoints / "pvt-tiny" / "all_results.json").write_text(json.dumps(tiny_results))
 
     # All requested folders are checked before anything is published.
@@ -326,9 +338,9 @@ def test_sizes_mode_publishes_each_size_to_its_own_repo(hub, tmp_path):
         assert all(torch.equal(published_weights[key], weights[key]) for key in weights)
         readme = hub.file_bytes(repo.repo_id, "README.md").decode()
         assert card_metadata(readme)["pipeline_tag"] == "image-classification"
-        # The size's card, made by scripts/make_model_cards.py, with the measured results where there are some.
+        # The size's card (as scripts/make_model_cards.py writes it), with the measured results where there are some.
         results = tiny_results if size == "tiny" else None
-        assert readme == make_model_cards.render_model_card(size, results, repo.repo_id)
+        assert readme == render_paper_size_card(size, results, repo.repo_id)
     model_index = card_metadata(hub.file_bytes("lab/pvt-tiny", "README.md").decode())["model-index"]
     assert [metric["value"] for metric in model_index[0]["results"][0]["metrics"]][0] == pytest.approx(0.7512)
     assert "model-index" not in card_metadata(hub.file_bytes("lab/pvt-small", "README.md").decode())
@@ -403,7 +415,9 @@ def test_card_choice(tmp_path):
     assert push_to_hub.infer_size(PvtConfig.from_preset("small", num_labels=10)) is None
     (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# My fine-tuned PVT\n")
     assert push_to_hub.render_card(None, None, "me/pvt-ft", tmp_path) == (tmp_path / "README.md").read_text()
-    minimal = push_to_hub.render_card(None, {"eval_accuracy": 0.5}, "me/pvt-ft", tmp_path / "elsewhere")
-    assert card_metadata(minimal)["library_name"] == "transformers" and "`eval_accuracy`: 0.5" in minimal
+    minimal = push_to_hub.render_card(None, toy_results(0.5), "me/pvt-ft", tmp_path / "elsewhere")
+    assert card_metadata(minimal)["library_name"] == "transformers" and "| Top-1 accuracy | 50.00% |" in minimal
+    with pytest.raises(push_to_hub.PublishError, match="dataset_name"):
+        push_to_hub.render_card(None, {"eval_accuracy": 0.5}, "me/pvt-ft", tmp_path / "elsewhere")
     with pytest.raises(push_to_hub.PublishError, match="eval_accuracy"):
         push_to_hub.render_card("tiny", {"dataset": "imagenet-1k", "eval_loss": 1.0}, "me/pvt-tiny")

@@ -12,6 +12,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
+from modeling_pvt.model_card import render_paper_size_card
 from modeling_pvt.model_facts import PAPER_REPORTED, count_multiply_adds, count_parameters, format_giga
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,6 @@ def _load_script():
 
 
 make_model_cards = _load_script()
-render_model_card = make_model_cards.render_model_card
 
 MEASURED = {
     "eval_accuracy": 0.7432,
@@ -49,7 +49,7 @@ def front_matter(text: str) -> str:
 def test_committed_cards_are_up_to_date(size):
     committed = REPO_ROOT / "model_cards" / f"pvt-{size}.md"
     assert committed.is_file(), f"{committed} is missing: run python scripts/make_model_cards.py"
-    assert committed.read_text(encoding="utf-8") == render_model_card(size), (
+    assert committed.read_text(encoding="utf-8") == render_paper_size_card(size), (
         f"{committed} is stale: run python scripts/make_model_cards.py and commit the result"
     )
 
@@ -68,7 +68,7 @@ def test_check_mode_fails_on_a_stale_or_missing_card(tmp_path, capsys):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_cards_state_the_computed_facts_and_label_the_paper_numbers(size):
-    text = render_model_card(size)
+    text = render_paper_size_card(size)
     card = ModelCard(text)
     assert f"{count_parameters(size):,}" in text
     assert f"({format_giga(count_multiply_adds(size, 224))})" in text
@@ -89,7 +89,7 @@ def test_cards_state_the_computed_facts_and_label_the_paper_numbers(size):
 
 
 def test_model_index_only_from_measured_results():
-    text = render_model_card("tiny", results=MEASURED, repo_id="my-org/pvt-tiny")
+    text = render_paper_size_card("tiny", results=MEASURED, repo_id="my-org/pvt-tiny")
     card = ModelCard(text)
     assert "model-index" in front_matter(text)
     results = {result.metric_type: result for result in card.data.eval_results}
@@ -105,19 +105,17 @@ def test_model_index_only_from_measured_results():
     assert "75.1% top-1" in text
 
 
-def test_trainer_results_name_the_dataset_as_dataset():
-    trainer_results = {"eval_accuracy": 0.97, "eval_top5_accuracy": 1.0, "dataset": "sklearn-digits", "split": "test"}
-    card = ModelCard(render_model_card("tiny", results=trainer_results))
-    assert {result.dataset_type for result in card.data.eval_results} == {"sklearn-digits"}
-
-
 def test_results_without_what_model_index_needs_are_refused():
+    where = {"dataset_name": "imagenet-1k", "split": "validation", "eval_samples": 10}
     with pytest.raises(ValueError, match="dataset_name"):
-        render_model_card("tiny", results={"eval_accuracy": 0.7})
+        render_paper_size_card("tiny", results={"eval_accuracy": 0.7, "split": "validation", "eval_samples": 10})
     with pytest.raises(ValueError, match="eval_accuracy"):
-        render_model_card("tiny", results={"dataset_name": "imagenet-1k"})
+        render_paper_size_card("tiny", results=where)
     with pytest.raises(ValueError, match="fraction"):
-        render_model_card("tiny", results={"eval_accuracy": 75.1, "dataset_name": "imagenet-1k"})
+        render_paper_size_card("tiny", results={**where, "eval_accuracy": 75.1})
+    # The names of the old, second schema are not read.
+    with pytest.raises(ValueError, match="dataset_name.*eval_samples"):
+        render_paper_size_card("tiny", results={"eval_accuracy": 0.7, "dataset": "x", "split": "y", "num_samples": 3})
 
 
 def test_results_option_of_the_script(tmp_path):
@@ -130,7 +128,7 @@ def test_results_option_of_the_script(tmp_path):
 
 
 def test_repo_id_is_used_in_every_snippet():
-    text = render_model_card("small", repo_id="someone/my-pvt")
+    text = render_paper_size_card("small", repo_id="someone/my-pvt")
     assert "org/pvt-small" not in text
     assert text.count('"someone/my-pvt"') >= 5
     assert "--model_name_or_path someone/my-pvt" in text
@@ -152,7 +150,7 @@ def test_usage_snippets_run(tmp_path):
     image_path = tmp_path / "cat.png"
     Image.fromarray(sample_images.chelsea()).save(image_path)
 
-    text = render_model_card("tiny", repo_id=str(model_dir))
+    text = render_paper_size_card("tiny", repo_id=str(model_dir))
     blocks = _python_blocks(text)
     assert len(blocks) == 3
     printed = io.StringIO()

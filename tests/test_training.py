@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from hub_server import HubServer
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -33,6 +34,8 @@ from modeling_pvt.data import (
     load_image_classification_data,
 )
 from modeling_pvt.metrics import load_metric, metric_path
+from modeling_pvt.model_card import render_paper_size_card
+from modeling_pvt.training import resolve_checkpoint, weights_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -141,14 +144,19 @@ def test_two_processes_end_with_identical_weights_and_count_every_sample_once(un
     assert len(digests) == 2 and digests[0] == digests[1]
     # The saved model is those weights.
     model = PvtForImageClassification.from_pretrained(uninterrupted_run)
-    assert _load_train_script().weights_digest(model) == digests[0]
+    assert weights_digest(model) == digests[0]
     assert results["eval_samples"] == 21
     assert 0.0 <= results["eval_accuracy"] <= results["eval_top5_accuracy"] <= 1.0
     assert results["completed_steps"] == 16
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md"):
         assert (uninterrupted_run / name).is_file(), name
-    card = (uninterrupted_run / "README.md").read_text()
-    assert f"{results['eval_accuracy']:.4f}" in card and f"{results['eval_top5_accuracy']:.4f}" in card
+    card = ModelCard((uninterrupted_run / "README.md").read_text())
+    assert f"| Top-1 accuracy | {100 * results['eval_accuracy']:.2f}% |" in card.text
+    assert {result.metric_name: result.metric_value for result in card.data.eval_results} == {
+        "Top-1 accuracy": results["eval_accuracy"],
+        "Top-5 accuracy": results["eval_top5_accuracy"],
+    }
+    assert card.data.eval_results[0].dataset_name == results["dataset_name"] == "sklearn-digits"
     checkpoints = sorted(path.name for path in (uninterrupted_run / "checkpoints").iterdir())
     assert checkpoints == ["step_12", "step_15", "step_3", "step_6", "step_9"]
 
@@ -203,12 +211,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted_run, tmp_p
 
 
 def test_resume_rejects_incomplete_checkpoint(tmp_path):
-    train = _load_train_script()
     (tmp_path / "checkpoints" / ".step_4.tmp").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint|No complete checkpoint"):
-        train.resolve_checkpoint("latest", tmp_path)
+    with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
+        resolve_checkpoint("latest", tmp_path)
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        train.resolve_checkpoint(str(tmp_path / "checkpoints" / ".step_4.tmp"), tmp_path)
+        resolve_checkpoint(str(tmp_path / "checkpoints" / ".step_4.tmp"), tmp_path)
 
 
 def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
@@ -228,18 +235,22 @@ def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
     assert "pvt.encoder.patch_embeddings.0.projection.weight" in decay_names
 
 
-# --------------------------------------------------------------------------------------- evaluate.py, finetune.py
-def test_evaluate_script_reproduces_the_training_result(uninterrupted_run, tmp_path):
+# ----------------------------------------------------------------------------- eval_classification.py, finetune.py
+def test_evaluation_script_reproduces_the_training_result(uninterrupted_run, tmp_path):
     output_file = tmp_path / "eval.json"
-    command = [sys.executable, str(SCRIPTS / "evaluate.py"), "--model_name_or_path", str(uninterrupted_run)]
+    command = [sys.executable, str(SCRIPTS / "eval_classification.py"), "--model_name_or_path", str(uninterrupted_run)]
     _run([*command, "--max_eval_samples", "21", "--output_file", str(output_file)])
     results = json.loads(output_file.read_text())
-    assert results["num_samples"] == 21
-    assert results["dataset"] == "sklearn-digits"
-    assert results["split"] == _results(uninterrupted_run)["split"]
+    trained = _results(uninterrupted_run)
+    for key in ("eval_samples", "dataset_name", "dataset_config_name", "split"):
+        assert results[key] == trained[key], key
+    assert results["eval_samples"] == 21
     assert results["model"] == str(uninterrupted_run)
-    assert results["eval_accuracy"] == pytest.approx(_results(uninterrupted_run)["eval_accuracy"])
-    assert results["eval_top5_accuracy"] == pytest.approx(_results(uninterrupted_run)["eval_top5_accuracy"])
+    for key in ("eval_accuracy", "eval_top5_accuracy", "eval_loss"):
+        assert results[key] == pytest.approx(trained[key]), key
+    # A card built from this script's real output keeps every row (the second schema used to lose "Images evaluated").
+    card = render_paper_size_card("tiny", results=results)
+    assert "| Images evaluated | 21 |" in card and "`scripts/eval_classification.py`" in card
 
 
 def test_finetune_from_saved_folder_with_new_labels(tmp_path):
@@ -290,7 +301,16 @@ def test_finetune_from_saved_folder_with_new_labels(tmp_path):
     original = pretrained.state_dict()["pvt.encoder.block.0.0.mlp.dense1.weight"]
     tuned = finetuned.state_dict()["pvt.encoder.block.0.0.mlp.dense1.weight"]
     assert tuned.shape == original.shape and not torch.equal(tuned, original)
-    assert (output_dir / "preprocessor_config.json").is_file() and (output_dir / "README.md").is_file()
+    assert (output_dir / "preprocessor_config.json").is_file()
+    # The card is the package's, built from this run's results file.
+    assert results["dataset_name"] == "sklearn-digits" and results["split"] == "train[20% held out, seed 42]"
+    card = ModelCard((output_dir / "README.md").read_text())
+    assert card.data.base_model == str(pretrained_dir)
+    assert {result.metric_name: result.metric_value for result in card.data.eval_results} == {
+        "Top-1 accuracy": results["eval_accuracy"],
+        "Top-5 accuracy": results["eval_top5_accuracy"],
+    }
+    assert "| Images evaluated | 40 |" in card.text and "scripts/finetune.py" in card.text
 
 
 # --------------------------------------------------------------------------------------------------- the metric

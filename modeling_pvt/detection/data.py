@@ -38,8 +38,8 @@ from ..data import (
     _load_named_dataset,
     decode_image,
     drop_unreadable_images,
-    seeded_random_state,
 )
+from ..training import EpochSeededDataset
 
 logger = logging.getLogger(__name__)
 
@@ -413,22 +413,20 @@ def build_detection_augmentation(
     return v2.Compose(transforms)
 
 
-class DetectionDataset(torch.utils.data.Dataset):
+class DetectionDataset(EpochSeededDataset):
     """A map-style torch dataset over a detection source (`ObjectsSource`, `DigitCanvases`, ...).
 
-    Items are `{"image": PIL or tensor image, "annotations": COCO-style dict}` for `DetectionCollator`. With an
-    augmentation and `augmentation_seed`, the augmentation of sample `index` in epoch `epoch` depends only on
-    (seed, epoch, index), so resumed runs see the same data; call `set_epoch` before each epoch.
+    Items are `{"image": PIL or tensor image, "annotations": COCO-style dict}` for `DetectionCollator`. The source
+    gets the epoch too (digit canvases change every epoch); with `augmentation_seed` the augmentation of a sample
+    is a pure function of (seed, epoch, index), so a resumed run sees exactly the same data.
     """
 
-    def __init__(self, source, augmentation: Callable[[dict], dict] | None = None, augmentation_seed: int = 0):
+    def __init__(
+        self, source, augmentation: Callable[[dict], dict] | None = None, augmentation_seed: int | None = None
+    ):
+        super().__init__(augmentation_seed)
         self.source = source
-        self.augmentation = augmentation
-        self.augmentation_seed = augmentation_seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.transform = augmentation
 
     def __len__(self) -> int:
         return len(self.source)
@@ -436,18 +434,16 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.source.sample(index, self.epoch)
         image, boxes, categories = sample.image, sample.boxes, sample.categories
-        if self.augmentation is not None:
+        if self.transform is not None:
             from torchvision import tv_tensors
             from torchvision.transforms.v2 import functional
 
-            seed = int(np.random.SeedSequence([self.augmentation_seed, self.epoch, index]).generate_state(1)[0])
-            height, width = image.height, image.width
-            with seeded_random_state(seed):
-                augmented = self.augmentation(
+            with self.augmentation(index):
+                augmented = self.transform(
                     {
                         "image": tv_tensors.Image(functional.pil_to_tensor(image)),
                         "boxes": tv_tensors.BoundingBoxes(
-                            torch.as_tensor(boxes), format="XYWH", canvas_size=(height, width)
+                            torch.as_tensor(boxes), format="XYWH", canvas_size=(image.height, image.width)
                         ),
                         "labels": torch.as_tensor(categories),
                     }
