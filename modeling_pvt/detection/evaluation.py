@@ -4,6 +4,11 @@ small/medium/large and per class, reported under transformers' `eval_*` names.""
 from collections.abc import Sequence
 
 import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers.image_transforms import center_to_corners_format
+
+from ..results import Metric, Task
 
 
 def box_xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -40,10 +45,16 @@ class DetectionEvaluator:
         )
         self.num_images += len(targets)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[str, float | None]:
+        """The scores; None where COCO has nothing to score (a size range or class with no objects: its -1)."""
         scores = self.metric.compute()
+
+        def value(score) -> float | None:
+            score = float(score)
+            return None if score == -1.0 else score
+
         results = {
-            f"eval_{name}": float(scores[name])
+            f"eval_{name}": value(scores[name])
             for name in (
                 "map",
                 "map_50",
@@ -61,11 +72,70 @@ class DetectionEvaluator:
         }
         classes = scores["classes"].reshape(-1).tolist()
         per_class = scores["map_per_class"].reshape(-1).tolist()
-        for class_id, value in zip(classes, per_class):
-            results[f"eval_map_{self.id2label.get(int(class_id), str(class_id))}"] = float(value)
+        for class_id, score in zip(classes, per_class):
+            results[f"eval_map_{self.id2label.get(int(class_id), str(class_id))}"] = value(score)
         results["eval_samples"] = self.num_images
         return results
 
     def reset(self) -> None:
         self.metric.reset()
         self.num_images = 0
+
+
+OBJECT_DETECTION = Task(
+    pipeline_tag="object-detection",
+    name="Object Detection",
+    auto_class="AutoModelForObjectDetection",
+    metrics=(
+        Metric("eval_map", "map", "mAP (COCO, IoU 0.50:0.95)"),
+        Metric("eval_map_50", "map_50", "mAP@50"),
+        Metric("eval_map_75", "map_75", "mAP@75", required=False),
+    ),
+)
+
+
+def _to_original_pixels(batch: dict, index: int) -> tuple[float, float]:
+    """(height, width) that turn image `index`'s normalised boxes into pixels of the image before resizing.
+
+    The processors normalise training boxes by the padded batch size, so the detector predicts in that frame too.
+    """
+    padded_height, padded_width = batch["pixel_values"].shape[-2:]
+    labels = batch["labels"][index]
+    (resized_height, resized_width), (original_height, original_width) = (
+        labels["size"].tolist(),
+        labels["orig_size"].tolist(),
+    )
+    return padded_height * original_height / resized_height, padded_width * original_width / resized_width
+
+
+def evaluate_detector(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader: torch.utils.data.DataLoader,
+    image_processor,
+    id2label: dict[int, str],
+) -> dict[str, float]:
+    """COCO mAP (`DetectionEvaluator.compute`'s keys) over the whole split, every image counted once.
+
+    Predictions go through the image processor's own `post_process_object_detection` (what users call), with no
+    score threshold: mAP ranks all of them.
+    """
+    evaluator = DetectionEvaluator(id2label)
+    model.eval()
+    for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
+        with torch.no_grad():
+            outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"))
+        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
+        frames = torch.tensor([_to_original_pixels(batch, index) for index in range(len(batch["labels"]))])
+        predictions = image_processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=frames)
+        items = []
+        for prediction, labels, (height, width) in zip(predictions, batch["labels"], frames.tolist()):
+            scale = torch.tensor([width, height, width, height])
+            target = {
+                "boxes": center_to_corners_format(labels["boxes"].float().cpu()) * scale,
+                "labels": labels["class_labels"].cpu(),
+            }
+            items.append(({key: value.cpu() for key, value in prediction.items()}, target))
+        items = accelerator.gather_for_metrics(items, use_gather_object=True)
+        evaluator.update([prediction for prediction, _ in items], [target for _, target in items])
+    return evaluator.compute()

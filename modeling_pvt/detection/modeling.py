@@ -67,11 +67,12 @@ def build_detector_config(
     if detector not in DETECTORS:
         raise ValueError(f"Unknown detector {detector!r}; choose one of {sorted(DETECTORS)}.")
     family = DETECTORS[detector]
-    backbone_settings = {
-        **backbone_config.to_dict(),
-        "out_features": list(family.backbone_stages),
-        "out_indices": None,
-    }
+    backbone_settings = backbone_config.to_dict()
+    # A classification checkpoint's code map and path mean nothing inside a detector's config (the code map would
+    # send stock transformers looking for remote code in the classifier's folder).
+    for key in ("auto_map", "_name_or_path", "architectures"):
+        backbone_settings.pop(key, None)
+    backbone_settings.update(out_features=list(family.backbone_stages), out_indices=None)
     backbone_config = PvtConfig.from_dict(backbone_settings)
     kwargs = {
         "backbone_config": backbone_config,
@@ -115,3 +116,35 @@ def build_image_processor(detector: str, size: dict[str, int], **kwargs):
     processor_kwargs = {"size": size, "do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
     processor_kwargs.update(kwargs)
     return DETECTORS[detector].processor_class(**processor_kwargs)
+
+
+def freeze_backbone_stages(model: torch.nn.Module, num_stages: int) -> None:
+    """Freeze the first `num_stages` PVT stages (patch embedding and blocks): with few, high-resolution tokens they
+    cost most of a training step, and a pretrained backbone's early stages need the least adapting."""
+    backbone = find_pvt_backbone(model)
+    for stage in range(num_stages):
+        for module in (backbone.encoder.patch_embeddings[stage], backbone.encoder.block[stage]):
+            module.requires_grad_(False)
+
+
+def parameter_groups(
+    model: torch.nn.Module, learning_rate: float, backbone_learning_rate: float, weight_decay: float
+) -> list[dict]:
+    """AdamW groups: the backbone at its own (lower) rate, the detection heads at `learning_rate`; no weight decay
+    on biases, norms and embeddings (1-D tensors, position embeddings, query embeddings)."""
+    backbone_ids = {id(parameter) for parameter in find_pvt_backbone(model).parameters()}
+    groups = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        in_backbone = id(parameter) in backbone_ids
+        decays = parameter.ndim > 1 and not name.endswith("position_embeddings") and "query" not in name
+        key = (in_backbone, decays)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": backbone_learning_rate if in_backbone else learning_rate,
+                "weight_decay": weight_decay if decays else 0.0,
+            }
+        groups[key]["params"].append(parameter)
+    return [groups[key] for key in sorted(groups)]
