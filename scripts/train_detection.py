@@ -84,7 +84,7 @@ DIGITS_RECIPE = {
     "per_device_train_batch_size": 8,
     "learning_rate": 5e-4,
     "backbone_learning_rate": 1e-4,
-    "num_train_epochs": 12,
+    "num_train_epochs": 8,
     "warmup_steps": 30,
     "freeze_backbone_stages": 2,
     "horizontal_flip": 0.0,  # a flipped digit is not a digit

@@ -2,6 +2,9 @@
 batching through the image processors, COCO mAP, and detectors on PvtBackbone."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -265,3 +268,19 @@ def test_evaluator_reports_coco_map_per_class():
     assert results["eval_map_75"] == pytest.approx(0.5)
     assert results["eval_map_b"] == pytest.approx(0.1, abs=1e-3)
     assert results["eval_samples"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ Mask2Former
+def test_readme_mask2former_example_trains_saves_and_reloads(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("<!-- mask2former-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    check = (
+        "\nassert isinstance(model.model.pixel_level_module.encoder, modeling_pvt.PvtBackbone)\n"
+        "assert torch.isfinite(loss) and len(instances) == 2 and instances[0]['segmentation'].shape == (128, 128)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", code + check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "pvt-mask2former" / "model.safetensors").is_file()
