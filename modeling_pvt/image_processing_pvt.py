@@ -25,7 +25,8 @@ class PvtImageProcessor(PilBackend):
     stock `preprocessor_config.json` files load as that.
 
     Accepts PIL images, NumPy arrays and torch tensors (channels first or last), one image or a batch; greyscale and
-    RGBA inputs become RGB.
+    RGBA inputs become RGB unless `do_convert_rgb=False`, which keeps the channels as given (with a matching
+    `image_mean`/`image_std`, e.g. four values each for a model with `num_channels=4`).
     """
 
     valid_kwargs = PvtImageProcessorKwargs
@@ -69,8 +70,10 @@ class PvtImageProcessor(PilBackend):
         check_images(images)
         return super().preprocess(with_channel_axis(images), *args, **kwargs)
 
-    def process_image(self, image, *args, **kwargs) -> np.ndarray:
-        image = super().process_image(image, *args, **kwargs)
+    def process_image(self, image, do_convert_rgb: bool | None = None, **kwargs) -> np.ndarray:
+        image = super().process_image(image, do_convert_rgb=do_convert_rgb, **kwargs)
+        if not (self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb):
+            return image  # channels as given, e.g. 4 for a model with `num_channels=4`
         if image.shape[0] == 1:
             image = np.repeat(image, 3, axis=0)
         elif image.shape[0] == 4:

@@ -113,3 +113,16 @@ def test_reads_stock_processor_configs(tmp_path, photo):
     expected = (resized - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     expected = torch.from_numpy(expected.transpose(2, 0, 1)).float()
     torch.testing.assert_close(pixel_values[0], expected, atol=1e-4, rtol=0)
+
+
+def test_do_convert_rgb_false_keeps_four_channels():
+    """A model with `num_channels=4` gets its four channels, normalised per channel, as from stock's processor."""
+    images = [np.random.default_rng(seed).integers(0, 256, size=(32, 32, 4), dtype=np.uint8) for seed in (0, 1)]
+    settings = dict(do_convert_rgb=False, image_mean=[0.5, 0.4, 0.3, 0.2], image_std=[0.2, 0.3, 0.4, 0.5])
+    settings.update(size={"height": 32, "width": 32}, do_resize=False)  # the pixels themselves, not two resizers
+    ours = PvtImageProcessor(**settings)(images, return_tensors="pt").pixel_values
+    stock = StockPvtImageProcessor(**settings)(images, return_tensors="pt")
+    assert ours.shape == (2, 4, 32, 32)
+    torch.testing.assert_close(ours, stock.pixel_values, atol=1e-4, rtol=1e-4)
+    rgba = Image.fromarray(images[0], mode="RGBA")
+    assert PvtImageProcessor()(rgba, return_tensors="pt").pixel_values.shape[1] == 3  # converted by default
