@@ -284,3 +284,19 @@ def test_readme_mask2former_example_trains_saves_and_reloads(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "pvt-mask2former" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- benchmark row
+def test_benchmark_detector_row_smoke(tmp_path):
+    """`scripts/benchmark.py --detectors --smoke`: DETR + PVT-small and DETR + ResNet-50 build, run, get timed and
+    their peak memory measured (tiny input: the machinery, not the numbers)."""
+    output = tmp_path / "detection.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    command = [sys.executable, str(script), "--detectors", "--smoke", "--threads", "1", "--output", str(output)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(output.read_text())["detector"]
+    assert set(row["latency_s"]) == {"pvt_small", "resnet50"} and all(v > 0 for v in row["latency_s"].values())
+    assert all(30 < millions < 60 for millions in row["parameters_millions"].values())  # DETR-R50: 41.5 M
+    assert set(row["memory"]["peak_mib"]) == {"pvt_small", "resnet50"}
