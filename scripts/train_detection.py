@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 
 from modeling_pvt import PVT_PRESETS, PvtBackbone, PvtConfig
 from modeling_pvt.data import DataError
@@ -246,7 +246,9 @@ def _free_port() -> int:
 
 
 def train_digits_backbone(accelerator, folder: Path) -> None:
-    """Run `scripts/train.py` (the digits classifier) into `folder` with as many processes as this run, once."""
+    """Run `scripts/train.py` (the digits classifier) into `folder` with as many processes as this run, once; every
+    rank learns whether it worked, so a failure stops all of them instead of leaving some waiting."""
+    failure = [None]
     if accelerator.is_main_process:
         logger.info(f"No digits classifier in {folder}: training one with scripts/train.py first (about 2 minutes).")
         command = [
@@ -266,8 +268,11 @@ def train_digits_backbone(accelerator, folder: Path) -> None:
             for key, value in os.environ.items()
             if key not in launch_variables and not key.startswith(("ACCELERATE_", "TORCHELASTIC_", "GROUP_"))
         }
-        subprocess.run(command, check=True, env=environment)
-    accelerator.wait_for_everyone()
+        if subprocess.run(command, env=environment).returncode != 0:
+            failure = [f"Training the digits backbone failed (command: {shlex.join(command)}); see its output above."]
+    broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise SystemExit(failure[0])
 
 
 def build_model(args: argparse.Namespace, data: DetectionData):
