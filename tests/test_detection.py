@@ -300,3 +300,25 @@ def test_benchmark_detector_row_smoke(tmp_path):
     assert set(row["latency_s"]) == {"pvt_small", "resnet50"} and all(v > 0 for v in row["latency_s"].values())
     assert all(30 < millions < 60 for millions in row["parameters_millions"].values())  # DETR-R50: 41.5 M
     assert set(row["memory"]["peak_mib"]) == {"pvt_small", "resnet50"}
+
+
+def test_evaluation_frames_map_padded_labels_back_to_original_pixels():
+    """Two images of different sizes are resized and padded into one batch; the frame `_to_original_pixels` gives
+    turns each image's normalised (padded-frame) label boxes back into its original pixel boxes."""
+    from transformers.image_transforms import center_to_corners_format
+
+    from modeling_pvt.detection.evaluation import _to_original_pixels
+
+    processor = build_image_processor("deformable_detr", {"shortest_edge": 64, "longest_edge": 96})
+    images = [Image.new("RGB", (120, 80)), Image.new("RGB", (50, 100))]  # (width, height)
+    boxes = [[10.0, 20.0, 30.0, 40.0], [5.0, 60.0, 40.0, 30.0]]
+    annotations = [
+        {"image_id": index, "annotations": [{"bbox": box, "category_id": 1, "area": box[2] * box[3], "iscrowd": 0}]}
+        for index, box in enumerate(boxes)
+    ]
+    batch = DetectionCollator(processor)([{"image": i, "annotations": a} for i, a in zip(images, annotations)])
+    assert batch["pixel_values"].shape[-2:] == (96, 96) and batch["pixel_mask"][1, :, 50:].sum() == 0  # padded
+    for index, box in enumerate(boxes):
+        height, width = _to_original_pixels(batch, index)
+        restored = center_to_corners_format(batch["labels"][index]["boxes"]) * torch.tensor([width, height] * 2)
+        torch.testing.assert_close(restored, box_xywh_to_xyxy(torch.tensor([box])), atol=1e-3, rtol=0)

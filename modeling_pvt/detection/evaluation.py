@@ -97,14 +97,15 @@ OBJECT_DETECTION = Task(
 def _to_original_pixels(batch: dict, index: int) -> tuple[float, float]:
     """(height, width) that turn image `index`'s normalised boxes into pixels of the image before resizing.
 
-    The processors normalise training boxes by the padded batch size, so the detector predicts in that frame too.
+    The processors normalise training boxes by the padded batch size (their `size` label becomes that padded size
+    too), so the detector predicts in that frame; the resized image's own extent is where its pixel mask is set.
     """
     padded_height, padded_width = batch["pixel_values"].shape[-2:]
-    labels = batch["labels"][index]
-    (resized_height, resized_width), (original_height, original_width) = (
-        labels["size"].tolist(),
-        labels["orig_size"].tolist(),
-    )
+    resized_height, resized_width = padded_height, padded_width
+    if batch.get("pixel_mask") is not None:
+        mask = batch["pixel_mask"][index].bool()
+        resized_height, resized_width = int(mask.any(dim=1).sum()), int(mask.any(dim=0).sum())
+    original_height, original_width = batch["labels"][index]["orig_size"].tolist()
     return padded_height * original_height / resized_height, padded_width * original_width / resized_width
 
 
