@@ -614,8 +614,10 @@ def detector_size(plan: Plan) -> tuple[int, int]:
 
 
 def detector_child_memory(spec: dict) -> dict:
-    """Peak resident memory of one DETR forward above the built model, in a fresh process (as `child_memory`)."""
-    configure_allocator()
+    """Peak resident memory of DETR forwards above the built model, in a fresh process (as `child_memory`), with
+    glibc's default allocator: the documented settings keep freed blocks in the process, so a second forward would
+    reuse the first one's memory and show no peak at all. The second forward is the steady state (the first also
+    holds PVT's one-time CPU route measurement)."""
     model = build_detr(spec["backbone"])
     pixel_values = torch.randn(1, 3, *spec["image_size"])
     if platform.libc_ver()[0] == "glibc":
@@ -656,7 +658,8 @@ def run_detector_row(plan: Plan, device: str, dtype: torch.dtype, threads: int) 
         specs = [{"mode": "detector_memory", "backbone": name, "image_size": list(size)} for name in models]
         children = dict(zip(models, run_children(specs, threads, plan.presets == ("smoke",))))
         memory = {
-            "method": "fresh process per model, resident-set high-water mark above the built model, second forward",
+            "method": "fresh process per model, default glibc allocator, resident-set high-water mark above the built "
+            "model during the second forward",
             "peak_mib": {name: child["peak_above_resting_mib"]["next"] for name, child in children.items()},
             "children": children,
         }
