@@ -5,6 +5,7 @@
     python scripts/benchmark.py --compile            # adds torch.compile rows
     python scripts/benchmark.py --smoke              # tiny model, tiny sizes: checks the machinery in seconds
     python scripts/benchmark.py --device cuda        # GPU: bf16, SDPA (flash) attention, CUDA memory counters
+    python scripts/benchmark.py --detectors          # DETR + PVT-small vs DETR + ResNet-50 at 800x1333 only
 
 Every comparison builds the models from one state dict (our `conv_layer_norm_eps` set to `layer_norm_eps`, as
 stock uses that epsilon everywhere), checks that they compute the same function, then times them interleaved in one
@@ -585,6 +586,115 @@ def run_gpu_memory_row(plan: Plan, dtype: torch.dtype) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------- detector row (--detectors)
+DETECTOR_BACKBONES = ("pvt_small", "resnet50")
+
+
+def build_detr(backbone: str) -> torch.nn.Module:
+    """DETR (transformers' own, COCO's 91 labels) on PVT-small's last stage or on transformers' ResNet-50, built the
+    same way: `use_timm_backbone=False`, random weights, the backbone through `AutoBackbone`."""
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    if backbone == "pvt_small":
+        backbone_config = PvtConfig.from_preset("small", out_features=["stage4"])
+    else:
+        backbone_config = ResNetConfig(out_features=["stage4"])  # the defaults are ResNet-50
+    config = DetrConfig(
+        backbone_config=backbone_config,
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        backbone=None,
+        num_labels=91,
+    )
+    return DetrForObjectDetection(config).eval()
+
+
+def detector_size(plan: Plan) -> tuple[int, int]:
+    return (96, 160) if plan.presets == ("smoke",) else (800, 1333)
+
+
+def detector_child_memory(spec: dict) -> dict:
+    """Peak resident memory of DETR forwards above the built model, in a fresh process (as `child_memory`), with
+    glibc's default allocator: the documented settings keep freed blocks in the process, so a second forward would
+    reuse the first one's memory and show no peak at all. The second forward is the steady state (the first also
+    holds PVT's one-time CPU route measurement)."""
+    model = build_detr(spec["backbone"])
+    pixel_values = torch.randn(1, 3, *spec["image_size"])
+    if platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if not reset_peak_resident_memory():
+        return {"method": "unavailable"}
+    peaks = {}
+    for forward in ("first", "next"):
+        before = read_status_kib("VmHWM")
+        with torch.inference_mode():
+            model(pixel_values)
+        peaks[forward] = (read_status_kib("VmHWM") - before) / 1024
+        reset_peak_resident_memory()
+    return {"method": "VmHWM", "peak_above_resting_mib": peaks}
+
+
+def run_detector_row(plan: Plan, device: str, dtype: torch.dtype, threads: int) -> dict:
+    """The paper's detection comparison at detection size: DETR + PVT-small against DETR + ResNet-50, one image,
+    inference: latency timed interleaved in this process, and peak forward memory (fresh processes on a CPU, the
+    CUDA allocator's counters on a GPU)."""
+    size = detector_size(plan)
+    models = {name: build_detr(name).to(device=device, dtype=dtype) for name in DETECTOR_BACKBONES}
+    pixel_values = torch.randn(1, 3, *size, device=device, dtype=dtype)
+    functions = {name: eval_function(model, pixel_values) for name, model in models.items()}
+    timing = time_interleaved(functions, plan, device, "DETR: PVT-small vs ResNet-50")
+    if device == "cuda":
+        peaks = {}
+        for name, model in models.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            resting = torch.cuda.memory_allocated()
+            with torch.inference_mode():
+                model(pixel_values)
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated() - resting) / 2**20
+        memory = {"method": "torch.cuda.max_memory_allocated above the resting allocation", "peak_mib": peaks}
+    else:
+        specs = [{"mode": "detector_memory", "backbone": name, "image_size": list(size)} for name in models]
+        children = dict(zip(models, run_children(specs, threads, plan.presets == ("smoke",))))
+        memory = {
+            "method": "fresh process per model, default glibc allocator, resident-set high-water mark above the built "
+            "model during the second forward",
+            "peak_mib": {name: child["peak_above_resting_mib"]["next"] for name, child in children.items()},
+            "children": children,
+        }
+    latency = {name: statistics.median(values) for name, values in timing.times.items()}
+    return {
+        "case": f"DETR eval {size[0]}x{size[1]} batch 1",
+        "parameters_millions": {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()},
+        "latency_s": latency,
+        "pvt_small_vs_resnet50_speedup": median_ratio(timing.times["resnet50"], timing.times["pvt_small"]),
+        "memory": memory,
+        "memory_ratio_pvt_small_to_resnet50": memory["peak_mib"]["pvt_small"] / memory["peak_mib"]["resnet50"],
+        "timing": timing.summary(),
+    }
+
+
+def run_detector_benchmark(args: argparse.Namespace, device: str, dtype: torch.dtype, plan: Plan) -> dict:
+    """`--detectors`: only the detector row, written to benchmarks/detection_<device>.json."""
+    output = args.output or REPO_ROOT / "benchmarks" / f"detection_{device}{'_smoke' if args.smoke else ''}.json"
+    started = time.perf_counter()
+    results = {
+        "machine": machine_description(device),
+        "load_average": {"start": [round(value, 2) for value in os.getloadavg()]},
+        "dtype": str(dtype),
+        "detector": run_detector_row(plan, device, dtype, args.threads),
+    }
+    results["load_average"]["end"] = [round(value, 2) for value in os.getloadavg()]
+    results["elapsed_s"] = time.perf_counter() - started
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    row = results["detector"]
+    print(json.dumps({key: row[key] for key in ("case", "latency_s", "pvt_small_vs_resnet50_speedup")}))
+    print(json.dumps({"peak_mib": row["memory"]["peak_mib"], "wrote": str(output)}))
+    return results
+
+
 # ------------------------------------------------------------------------------------------------------ reporting
 # Environment variables that cap the instruction set PyTorch, MKL and oneDNN use (how an AVX2-only CPU is emulated).
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
@@ -816,6 +926,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--presets", nargs="+", choices=("tiny", "small"), help="eval presets (default: tiny small)")
     parser.add_argument("--output", type=Path, help="JSON results (default benchmarks/results_<device>.json)")
     parser.add_argument("--chart", type=Path, help="PNG chart (default next to the JSON)")
+    parser.add_argument(
+        "--detectors", action="store_true", help="only DETR + PVT-small vs DETR + ResNet-50 at 800x1333"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -824,7 +937,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.child:
         torch.set_num_threads(args.threads)
-        print(json.dumps([child_memory(spec) for spec in json.loads(args.child)]))
+        specs = json.loads(args.child)
+        print(
+            json.dumps(
+                [detector_child_memory(s) if s["mode"] == "detector_memory" else child_memory(s) for s in specs]
+            )
+        )
         return {}
 
     device = args.device
@@ -838,6 +956,8 @@ def main(argv: list[str] | None = None) -> dict:
         plan.presets = tuple(args.presets)
     output = args.output or REPO_ROOT / "benchmarks" / f"results_{device}{'_smoke' if args.smoke else ''}.json"
     chart = args.chart or output.with_suffix(".png")
+    if args.detectors:
+        return run_detector_benchmark(args, device, dtype, plan)
 
     results: dict = {
         "machine": machine_description(device),

@@ -1,0 +1,1 @@
+"""Object detection on PvtBackbone: data, augmentation, evaluation and detector construction."""
