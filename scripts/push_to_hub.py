@@ -13,7 +13,8 @@ The repo folder is assembled from what the checkpoint folder holds, through the 
 with `modeling_pvt` (every weight must be accounted for; pickled `.bin` weights are read with
 `torch.load(weights_only=True)`) and written back with `save_pretrained`, which gives `config.json` with its
 `auto_map`, `model.safetensors` and the Hub code files (`configuration_pvt.py`, `modeling_pvt.py`,
-`image_processing_pvt.py`); the image processor adds `preprocessor_config.json`. `README.md` is the size's model card
+`cpu_acceleration.py`, `image_processing_pvt.py`); the image processor adds `preprocessor_config.json`.
+`README.md` is the size's model card
 (`modeling_pvt.model_card`, as `scripts/make_model_cards.py` writes it), with the checkpoint's measured results
 (`eval_results.json` / `all_results.json`, the schema of `modeling_pvt.results`) when present; the size is the
 `--size` given (in `--sizes` mode, the folder's) or the paper size whose ImageNet-1k classifier the config describes.
@@ -43,7 +44,7 @@ from modeling_pvt.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, read_r
 
 logger = logging.getLogger("push_to_hub")
 
-HUB_CODE_FILES = ("configuration_pvt.py", "modeling_pvt.py", "image_processing_pvt.py")
+HUB_CODE_FILES = ("configuration_pvt.py", "modeling_pvt.py", "cpu_acceleration.py", "image_processing_pvt.py")
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForImageClassification", "AutoImageProcessor")
 # Results written by scripts/eval_classification.py (--output_file eval_results.json) and the training scripts
 # (all_results.json); the latter wins.

@@ -59,7 +59,7 @@ from modeling_pvt.detection.modeling import (
     parameter_groups,
 )
 from modeling_pvt.model_card import render_trained_card
-from modeling_pvt.results import RESULTS_FILE_NAME, dataset_fields, write_results
+from modeling_pvt.results import dataset_fields
 from modeling_pvt.training import (
     TrainingLoop,
     add_checkpoint_arguments,
@@ -68,8 +68,8 @@ from modeling_pvt.training import (
     build_lr_scheduler,
     build_train_dataloader,
     plan_steps,
-    push_output_dir,
-    save_trained_model,
+    publish_run,
+    save_and_evaluate,
     setup_accelerator,
 )
 
@@ -334,7 +334,7 @@ def load_data(args: argparse.Namespace) -> DetectionData:
 
 
 # ------------------------------------------------------------------------------------------------------ model card
-def write_model_card(output_dir: Path, args: argparse.Namespace, data: DetectionData, results: dict) -> None:
+def model_card(output_dir: Path, args: argparse.Namespace, data: DetectionData, results: dict) -> str:
     backbone = args.backbone_name_or_path or f"a randomly initialised PVT-{args.model_size}"
     summary = (
         f"A {args.detector} object detector (transformers' own) on a Pyramid Vision Transformer backbone (PVT v1, "
@@ -362,7 +362,7 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, data: Detection
         f" {results['completed_steps']} optimizer steps, global batch {results['global_batch_size']}.\n\n"
         "| seconds since start | steps | mAP@50 | mAP |\n|---|---|---|---|\n" + history
     )
-    card = render_trained_card(
+    return render_trained_card(
         repo_id=args.hub_model_id or output_dir.resolve().name,
         task=OBJECT_DETECTION,
         title=f"PVT + {args.detector} on {data.name}",
@@ -396,11 +396,10 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, data: Detection
         else args.backbone_name_or_path,
         tags=("object-detection", args.detector),
     )
-    (output_dir / "README.md").write_text(card)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     start_time = time.perf_counter()
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -488,19 +487,8 @@ def main(argv: list[str] | None = None) -> dict:
         tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("pvt_object_detection", tracked)
     loop = TrainingLoop(
-        accelerator,
-        model,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        plan,
-        output_dir,
-        image_processor,
-        max_grad_norm=args.max_grad_norm,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
+        accelerator, model, optimizer, lr_scheduler, train_dataloader, plan, image_processor, args, args.max_grad_norm
     )
-    loop.resume(args.resume_from_checkpoint)
     logger.info(
         f"{len(train_dataset)} training / {len(eval_dataset)} validation images of {data.name}, "
         f"{len(data.categories)} categories; {args.detector}, {accelerator.num_processes} process(es), global batch "
@@ -508,26 +496,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     outcome = loop.run(compute_loss, on_epoch_end)
 
-    # Save first: everything after this point can fail without losing the trained model.
-    digests = save_trained_model(accelerator, model, image_processor, output_dir)
-    try:
-        scores = evaluate_detector(accelerator, model, eval_dataloader, image_processor, data.id2label)
-    except BaseException:
-        logger.error(f"The final evaluation failed; the trained model is saved in {output_dir}.")
-        raise
+    digests, scores = save_and_evaluate(
+        accelerator,
+        model,
+        image_processor,
+        output_dir,
+        lambda: evaluate_detector(accelerator, model, eval_dataloader, image_processor, data.id2label),
+    )
     record(scores, outcome.completed_steps)
     logger.info(f"final: mAP@50 {scores['eval_map_50']:.4f}, mAP {scores['eval_map']:.4f}")
     results = {
         **scores,
         **dataset_fields(data.name, args.dataset_config_name, data.validation_split_name),
-        "train_loss": outcome.train_loss,
-        "epoch": outcome.epochs,
-        "completed_steps": outcome.completed_steps,
+        **outcome.results_fields(),
         "train_samples": len(train_dataset),
-        "train_runtime": outcome.train_runtime,
         "total_runtime": time.perf_counter() - start_time,
         "eval_history": history,
-        "num_processes": accelerator.num_processes,
         "global_batch_size": global_batch_size,
         "device": str(accelerator.device.type),
         "mixed_precision": accelerator.mixed_precision,
@@ -537,22 +521,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.with_tracking:
         accelerator.log({**scores, "train_loss": outcome.train_loss}, step=outcome.completed_steps)
-    if accelerator.is_main_process:
-        write_results(output_dir / RESULTS_FILE_NAME, results)
-        write_model_card(output_dir, args, data, results)
-        print(json.dumps({key: results[key] for key in ("eval_map_50", "eval_map", "train_runtime")}))
-        if args.push_to_hub:
-            try:
-                repo_id = push_output_dir(
-                    output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo, "scripts/train_detection.py"
-                )
-            except Exception:
-                logger.error(f"Pushing to the Hub failed; the model and results are saved in {output_dir}.")
-                raise
-            logger.info(f"Pushed {output_dir} to {repo_id}")
+    accelerator.print(json.dumps({key: results[key] for key in ("eval_map_50", "eval_map", "train_runtime")}))
+    publish_run(accelerator, args, results, model_card(output_dir, args, data, results), "scripts/train_detection.py")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group: nothing collective after this
-    return results
 
 
 if __name__ == "__main__":

@@ -26,14 +26,26 @@ def test_wheel_installs_every_script_as_a_command(tmp_path):
         entry_points = configparser.ConfigParser()
         entry_points.read_string(archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode())
     commands = dict(entry_points["console_scripts"])
-    assert {"pvt-train", "pvt-finetune", "pvt-evaluate", "pvt-train-segmentation", "pvt-push-to-hub"} <= set(commands)
+    assert {
+        "pvt-train",
+        "pvt-finetune",
+        "pvt-evaluate",
+        "pvt-train-segmentation",
+        "pvt-train-detection",
+        "pvt-push-to-hub",
+    } <= set(commands)
     for command, target in commands.items():
         module, function = target.split(":")
         script = REPO / "scripts" / f"{module.rsplit('.', 1)[-1]}.py"
         assert f"{module.replace('.', '/')}.py" in names, command
         defined = {node.name for node in ast.parse(script.read_text()).body if isinstance(node, ast.FunctionDef)}
         assert function in defined, command
-    assert {"modeling_pvt/card_templates/trained.jinja", "modeling_pvt/metrics/mean_iou/mean_iou.py"} <= names
+    assert {
+        "modeling_pvt/card_templates/trained.jinja",
+        "modeling_pvt/metrics/mean_iou/mean_iou.py",
+        "modeling_pvt/detection/data.py",
+        "modeling_pvt/cpu_acceleration.py",
+    } <= names
 
     target = tmp_path / "installed"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=300)

@@ -38,7 +38,7 @@ PUSH_SCRIPT = REPO_ROOT / "scripts" / "push_to_hub.py"
 TOKEN = "hf_" + secrets.token_hex(16)  # random per run, so finding it in an output cannot be a coincidence
 USER, ORGS = "pvt-publisher", ["org", "lab"]
 REPO_ID = "org/pvt-tiny"
-HUB_CODE_FILES = {"configuration_pvt.py", "modeling_pvt.py", "image_processing_pvt.py"}
+HUB_CODE_FILES = {"configuration_pvt.py", "modeling_pvt.py", "cpu_acceleration.py", "image_processing_pvt.py"}
 EXPECTED_REPO_FILES = {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", *HUB_CODE_FILES}
 
 # Runs on the "fresh machine": loads the repo three ways and writes what it got as JSON. It must not import

@@ -424,7 +424,7 @@ class DetectionDataset(EpochSeededDataset):
     def __init__(
         self, source, augmentation: Callable[[dict], dict] | None = None, augmentation_seed: int | None = None
     ):
-        super().__init__(augmentation_seed)
+        self.augmentation_seed = augmentation_seed
         self.source = source
         self.transform = augmentation
 
