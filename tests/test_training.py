@@ -494,3 +494,16 @@ def test_training_loop_resumes_any_model_exactly_from_any_checkpoint(tmp_path):
     state_file.write_text(json.dumps({"completed_steps": 2, "epoch": 0, "batches_in_epoch": 0}))
     misplaced = _train_toy_model(tmp_path / "from_step_2", resume_from=str(state_file.parent))
     assert not all(torch.equal(reference[name], misplaced[name]) for name in reference)
+
+
+def test_paper_recipe_rand_augment_survives_its_strongest_posterize():
+    """RandAugment "inc1" at magnitude 10 posterizes to 0 bits (a black image); Pillow 13 refuses that, which stopped
+    training runs with the paper recipe at random (hence the pin `pillow<13`)."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    strongest = rand_augment_transform("rand-m10-mstd0-n1-inc1", {})
+    strongest.ops = [op for op in strongest.ops if op.name == "PosterizeIncreasing"]
+    assert strongest.ops, "timm no longer names the op PosterizeIncreasing"
+    strongest.ops[0].prob = 1.0
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(strongest(image)).max() == 0
