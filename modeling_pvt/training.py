@@ -442,7 +442,7 @@ class LoopClock:
         """`batches`, timing each wait for the next one and counting their samples."""
         self._last = time.perf_counter()  # evaluation between epochs is not training time
         iterator = iter(batches)
-        waits = self.epoch_start_waits if not first_epoch else []
+        at_epoch_start = not first_epoch  # the first epoch's first wait is the loader starting up
         while True:
             started = time.perf_counter()
             try:
@@ -451,9 +451,9 @@ class LoopClock:
                 return
             waited = time.perf_counter() - started
             self.data_wait += waited
-            if waits is not None:
-                waits.append(waited)
-                waits = None
+            if at_epoch_start:
+                self.epoch_start_waits.append(waited)
+                at_epoch_start = False
             self._step_samples += find_batch_size(item)
             yield item
 
