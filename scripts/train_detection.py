@@ -91,16 +91,20 @@ DIGITS_RECIPE = {
     "photometric": False,
     "num_workers": 0,
 }
+# Small DETR-family detectors for 8x8 digits on small canvases: 30 queries, a 128-wide transformer.
+DIGITS_DETR_FAMILY = dict(
+    d_model=128,
+    encoder_layers=2,
+    decoder_layers=3,
+    encoder_ffn_dim=512,
+    decoder_ffn_dim=512,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    num_queries=30,
+)
 DIGITS_DETECTOR_SETTINGS = {
     "deformable_detr": dict(
-        d_model=128,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_ffn_dim=512,
-        decoder_ffn_dim=512,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        num_queries=30,
+        DIGITS_DETR_FAMILY,
         two_stage=True,
         with_box_refine=True,
         two_stage_num_proposals=30,
@@ -118,19 +122,8 @@ DIGITS_DETECTOR_SETTINGS = {
         num_queries=30,
         num_denoising=40,
     ),
-    **{
-        name: dict(
-            d_model=128,
-            encoder_layers=2,
-            decoder_layers=3,
-            encoder_ffn_dim=512,
-            decoder_ffn_dim=512,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            num_queries=30,
-        )
-        for name in ("detr", "conditional_detr")
-    },
+    "detr": DIGITS_DETR_FAMILY,
+    "conditional_detr": DIGITS_DETR_FAMILY,
 }
 # With a dataset: the transformers detectors' own defaults (DETR/Deformable DETR papers): AdamW 1e-4, backbone 1e-5,
 # weight decay 1e-4, gradient clipping 0.1, flips and photometric distortion; resize per the detector's processor.
