@@ -606,6 +606,17 @@ class TrainingLoop:
 
 
 # ------------------------------------------------------------------------------------------- end of a training run
+def start_tracking(accelerator: Accelerator, args: argparse.Namespace, project_name: str) -> None:
+    """With `--with_tracking`, start the trackers of `add_checkpoint_arguments`' `--report_to`, logging every
+    argument as a hyperparameter (values trackers cannot store, such as lists and None, as their text)."""
+    if args.with_tracking:
+        hyperparameters = {
+            name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in vars(args).items()
+        }
+        accelerator.init_trackers(project_name, hyperparameters)
+
+
 def setup_training(args: argparse.Namespace) -> Accelerator:
     """`setup_accelerator` for a training script's `output_dir`, `gradient_accumulation_steps` and tracking options."""
     return setup_accelerator(
@@ -758,6 +769,7 @@ __all__ = [
     "seeded_random_state",
     "setup_accelerator",
     "setup_training",
+    "start_tracking",
     "trainer_launch_arguments",
     "weights_digest",
 ]

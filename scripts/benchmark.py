@@ -562,6 +562,17 @@ def run_memory_rows(plan: Plan, threads: int, smoke: bool) -> dict:
     }
 
 
+def cuda_forward_peak_mib(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
+    """MiB the CUDA allocator held at the peak of one inference forward, above what it held before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resting = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        model(pixel_values)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - resting) / 2**20
+
+
 def run_gpu_memory_row(plan: Plan, dtype: torch.dtype) -> dict:
     """On a GPU the CUDA allocator's counters give the forward's peak directly, in this process."""
     ours, stock = build_pair(plan.detection_preset, plan.detection_size)
@@ -569,13 +580,7 @@ def run_gpu_memory_row(plan: Plan, dtype: torch.dtype) -> dict:
     peaks = {}
     for name, model in (("stock", stock), ("ours", ours)):
         model.to(device="cuda", dtype=dtype).eval()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        resting = torch.cuda.memory_allocated()
-        with torch.inference_mode():
-            model(pixel_values)
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - resting) / 2**20
+        peak = cuda_forward_peak_mib(model, pixel_values)
         peaks[name] = {"first": peak, "next": peak}
         model.cpu()
     return {
@@ -646,13 +651,7 @@ def run_detector_row(plan: Plan, device: str, dtype: torch.dtype, threads: int) 
     if device == "cuda":
         peaks = {}
         for name, model in models.items():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            resting = torch.cuda.memory_allocated()
-            with torch.inference_mode():
-                model(pixel_values)
-            torch.cuda.synchronize()
-            peaks[name] = (torch.cuda.max_memory_allocated() - resting) / 2**20
+            peaks[name] = cuda_forward_peak_mib(model, pixel_values)
         memory = {"method": "torch.cuda.max_memory_allocated above the resting allocation", "peak_mib": peaks}
     else:
         specs = [{"mode": "detector_memory", "backbone": name, "image_size": list(size)} for name in models]

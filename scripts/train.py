@@ -340,9 +340,7 @@ def main(argv: list[str] | None = None) -> None:
                 step=completed_steps,
             )
 
-    if args.with_tracking:
-        tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("pvt_image_classification", tracked)
+    training.start_tracking(accelerator, args, "pvt_image_classification")
     loop = training.TrainingLoop(
         accelerator, model, optimizer, lr_scheduler, train_dataloader, plan, image_processor, args, args.max_grad_norm
     )

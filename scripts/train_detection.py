@@ -71,6 +71,7 @@ from modeling_pvt.training import (
     publish_run,
     save_and_evaluate,
     setup_accelerator,
+    start_tracking,
 )
 
 logger = get_logger(__name__)
@@ -476,9 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                 step=completed_steps,
             )
 
-    if args.with_tracking:
-        tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("pvt_object_detection", tracked)
+    start_tracking(accelerator, args, "pvt_object_detection")
     loop = TrainingLoop(
         accelerator, model, optimizer, lr_scheduler, train_dataloader, plan, image_processor, args, args.max_grad_norm
     )

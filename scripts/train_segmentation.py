@@ -328,8 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.log({"train_loss": train_loss, **scalars}, step=completed_steps)
         return scores
 
-    if args.with_tracking:
-        accelerator.init_trackers("train_segmentation", {k: v for k, v in vars(args).items() if v is not None})
+    training.start_tracking(accelerator, args, "train_segmentation")
     loop = training.TrainingLoop(accelerator, model, optimizer, lr_scheduler, train_dataloader, plan, processor, args)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
