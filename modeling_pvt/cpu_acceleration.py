@@ -1,29 +1,35 @@
-"""Faster CPU execution of a `PvtLayer`, used only where it was measured faster on the machine at hand.
+"""Faster CPU inference for a `PvtLayer`, used only where it was measured faster on the machine at hand.
 
 `modeling_pvt.py` is the reference implementation. A layer asks `fast_path_applies` (the one predicate) whether it
 may run through this module; if so, `fastest_layer_forward` runs it by the route that a one-time measurement on this
 machine found fastest for that layer shape and input size (cached per process):
 
 - `reference`: the layer's own code, unchanged;
-- `onednn_products`: the same code with the float32 matrix products of its `nn.Linear`s (forward and backward) run by
-  oneDNN instead of PyTorch's BLAS. Which of the two GEMM libraries is faster depends on the CPU: on an AVX-512 AMD
-  EPYC oneDNN ran about twice MKL's rate, on AVX2 CPUs MKL is usually ahead; the measurement decides;
-- `token_blocks` (inference only): the layer a cache-sized block of tokens at a time (everything but the spatial
-  reduction works token by token), with bias, GELU and residual additions fused into oneDNN's products. The MLP's
-  wide activation then stays in cache, and temporaries stay small (a quarter of the peak memory at detection sizes).
+- `fused`: the layer with its matrix products run by oneDNN, bias, exact GELU and residual additions fused into them
+  (one pass over memory instead of three);
+- `fused_token_blocks`: the same, a cache-sized block of tokens at a time (everything but the spatial reduction works
+  token by token). The MLP's wide activation then stays in cache, and temporaries stay small (a fraction of the peak
+  memory at detection sizes).
 
-Every route computes the same function as the reference code, to float32 rounding. The predicate steps aside, so the
-reference code runs, for anything the routes were not measured for or would break: other dtypes or devices,
-autocast, torch.compile / export / jit / fx tracing, Python dispatch and function modes (FLOP counters, fake
-tensors), torch.func transforms, hooks on the layer's submodules, projections that are not plain `nn.Linear`
-(quantized, LoRA-wrapped), attention maps requested, attention implementations other than eager/SDPA, and gradient
-checkpointing. Backward passes stay differentiable: under `create_graph=True` they use PyTorch's own operators.
-`model.set_cpu_acceleration(False)` gives the reference code everywhere.
+Whether oneDNN's products beat PyTorch's BLAS, and whether blocking pays, depends on the CPU (its ISA, its caches,
+which GEMM library is faster there), so nothing is assumed: the routes are timed against the reference code, in
+alternating rounds, and another route is taken only when it won every undisturbed round by a clear margin.
+
+Only inference is accelerated: a layer in eval mode with autograd off (`torch.no_grad()`, `torch.inference_mode()`).
+Training runs the reference code: a training step spends its time in products whose backward oneDNN ran no faster
+than PyTorch's BLAS on every CPU measured, so a route there did not pay. Every route computes the same function as the
+reference code, to float32 rounding. The predicate also steps aside, so the reference code runs, for anything the
+routes were not measured for or would change: other dtypes or devices, autocast, torch.compile / export / jit / fx
+tracing, Python dispatch and function modes (FLOP counters, fake tensors), torch.func transforms, hooks on the layer's
+submodules, projections that are not plain `nn.Linear` (quantized, LoRA-wrapped), attention maps requested and
+attention implementations other than eager/SDPA. `model.set_cpu_acceleration(False)` gives the reference code
+everywhere.
 """
 
 import math
 import os
 import platform
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
-from torch.overrides import TorchFunctionMode
 from transformers.activations import GELUActivation
 from transformers.utils import logging
 
@@ -100,11 +105,12 @@ def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 def fast_path_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
     """Whether `layer` (a `PvtLayer`) may run through `fastest_layer_forward` for this input (see the module doc)."""
+    if torch.is_grad_enabled() or layer.training or not layer.cpu_acceleration:
+        return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     return (
         ONEDNN_LINEAR
-        and layer.cpu_acceleration
         and not getattr(_state, "reference", False)
         and hidden_states.device.type == "cpu"
         and hidden_states.dtype == torch.float32
@@ -114,7 +120,6 @@ def fast_path_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._functorch.peek_interpreter_stack() is None
-        and not (layer.gradient_checkpointing and torch.is_grad_enabled())
         and layer.attention.self.config._attn_implementation in ("eager", "sdpa")
         and all(type(projection) is nn.Linear for projection in _projections(layer))
         and all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in layer.parameters())
@@ -149,57 +154,6 @@ def linear_add(
     return torch.ops.mkldnn._linear_pointwise.binary(inputs, residual, _onednn_weight(weight), bias, "add")
 
 
-def _weight_gradient(grad_rows: torch.Tensor, input_rows: torch.Tensor) -> torch.Tensor:
-    """`grad_rows^T @ input_rows` by oneDNN, whose fast layout has the narrower matrix as the input read transposed."""
-    if grad_rows.shape[1] <= input_rows.shape[1]:
-        return linear(grad_rows.t(), input_rows.t())
-    return linear(input_rows.t(), grad_rows.t()).t()
-
-
-class OneDnnLinear(torch.autograd.Function):
-    """`F.linear` whose products run through oneDNN. Under `create_graph=True` the backward pass uses PyTorch's
-    differentiable operators, so gradients of gradients work."""
-
-    @staticmethod
-    def forward(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return linear(inputs, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.save_for_backward(inputs[0], inputs[1])
-        ctx.has_bias = inputs[2] is not None
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        inputs, weight = ctx.saved_tensors
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        input_rows = inputs.reshape(-1, inputs.shape[-1])
-        differentiable = torch.is_grad_enabled()
-        grad_inputs = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_inputs = grad_output @ weight if differentiable else linear(grad_output, weight.t())
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_rows.t() @ input_rows if differentiable else _weight_gradient(grad_rows, input_rows)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        return grad_inputs, grad_weight, grad_bias
-
-
-class _OneDnnProducts(TorchFunctionMode):
-    """Runs every float32 CPU `F.linear` called inside it through oneDNN (`OneDnnLinear`)."""
-
-    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None):
-        kwargs = kwargs or {}
-        if func is F.linear and not kwargs:
-            inputs, weight, bias = (*args, None)[:3]
-            if inputs.dtype == weight.dtype == torch.float32 and inputs.device.type == "cpu":
-                needs_grad = torch.is_grad_enabled() and any(
-                    tensor is not None and tensor.requires_grad for tensor in (inputs, weight, bias)
-                )
-                return OneDnnLinear.apply(inputs, weight, bias) if needs_grad else linear(inputs, weight, bias)
-        return func(*args, **kwargs)
-
-
 # ------------------------------------------------------------------------------------------ the routes
 def _reference(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
     _state.reference = True
@@ -207,11 +161,6 @@ def _reference(layer: nn.Module, hidden_states: torch.Tensor, height: int, width
         return layer.forward(hidden_states, height, width)[0]
     finally:
         _state.reference = False
-
-
-def _onednn_products(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    with _OneDnnProducts():
-        return _reference(layer, hidden_states, height, width)
 
 
 def token_blocks(batch_size: int, num_tokens: int, tokens_per_block: int) -> list[tuple[slice, slice]]:
@@ -231,18 +180,19 @@ def token_blocks(batch_size: int, num_tokens: int, tokens_per_block: int) -> lis
     ]
 
 
-@torch.no_grad()
-def _token_blocks(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The layer for inference, a block of tokens at a time (eval mode: dropout and drop-path are identities)."""
+def _fused(
+    layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int, tokens_per_block: int
+) -> torch.Tensor:
+    """The layer in eval mode (dropout and drop-path are identities) by oneDNN's fused products, `tokens_per_block`
+    tokens at a time. Keys and values come from the spatially reduced sequence of each whole image, computed first."""
     attention, projection, mlp = layer.attention.self, layer.attention.output.dense, layer.mlp
     normalized = layer.layer_norm_1(hidden_states)
     reduced = attention.reduce_sequence(normalized, height, width)
     key = attention.split_heads(linear(reduced, attention.key.weight, attention.key.bias))
     value = attention.split_heads(linear(reduced, attention.value.weight, attention.value.bias))
     exact_gelu = isinstance(mlp.intermediate_act_fn, GELUActivation) and mlp.intermediate_act_fn.act is F.gelu
-    output = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
-    tokens_per_block = max(1, TOKEN_BLOCK_BYTES // (mlp.dense1.out_features * hidden_states.element_size()))
-    for images, tokens in token_blocks(*hidden_states.shape[:2], tokens_per_block):
+
+    def block_output(images: slice, tokens: slice) -> torch.Tensor:
         query = attention.split_heads(linear(normalized[images, tokens], attention.query.weight, attention.query.bias))
         attended = F.scaled_dot_product_attention(query, key[images], value[images], scale=attention.scaling)
         block = linear_add(
@@ -253,28 +203,42 @@ def _token_blocks(layer: nn.Module, hidden_states: torch.Tensor, height: int, wi
             expanded = linear_gelu(normalized_block, mlp.dense1.weight, mlp.dense1.bias)
         else:
             expanded = mlp.intermediate_act_fn(linear(normalized_block, mlp.dense1.weight, mlp.dense1.bias))
-        output[images, tokens] = linear_add(expanded, mlp.dense2.weight, mlp.dense2.bias, block)
+        return linear_add(expanded, mlp.dense2.weight, mlp.dense2.bias, block)
+
+    blocks = token_blocks(*hidden_states.shape[:2], tokens_per_block)
+    if len(blocks) == 1:
+        return block_output(*blocks[0])
+    output = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+    for images, tokens in blocks:
+        output[images, tokens] = block_output(images, tokens)
     return output
+
+
+def _fused_whole(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return _fused(layer, hidden_states, height, width, hidden_states.shape[0] * hidden_states.shape[1])
+
+
+def _fused_token_blocks(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    # One block's MLP activation takes `TOKEN_BLOCK_BYTES`.
+    tokens_per_block = TOKEN_BLOCK_BYTES // (layer.mlp.dense1.out_features * hidden_states.element_size())
+    return _fused(layer, hidden_states, height, width, max(1, tokens_per_block))
 
 
 ROUTES: dict[str, Callable[[nn.Module, torch.Tensor, int, int], torch.Tensor]] = {
     "reference": _reference,
-    "onednn_products": _onednn_products,
-    "token_blocks": _token_blocks,
+    "fused": _fused_whole,
+    "fused_token_blocks": _fused_token_blocks,
 }
-# A route other than the reference must be at least this much faster in the measurement to be chosen.
+# Another route replaces the reference code only when it was at least this much faster in every undisturbed round.
 MIN_GAIN = 1.03
-# A timing counts as undisturbed when this process's threads were on a CPU this share of the time; measuring stops
-# after this many rounds even if other processes kept taking CPUs.
+# A round counts as undisturbed when this process's threads were on a CPU this share of the time in each of its
+# timings. The decision needs `ROUNDS_NEEDED` undisturbed rounds (after a warm-up round) out of at most `MAX_ROUNDS`;
+# with fewer, other processes kept taking the CPUs and the reference code stays.
 MIN_CPU_SHARE = 0.9
+ROUNDS_NEEDED = 3
 MAX_ROUNDS = 8
-# route chosen per (layer shape, mode, input size), with the measured seconds of every candidate
+# route chosen per (layer shape, input size), with the median measured seconds of every route
 measured_routes: dict[tuple, tuple[str, dict[str, float]]] = {}
-
-
-def _candidates(layer: nn.Module) -> tuple[str, ...]:
-    inference = not (layer.training or torch.is_grad_enabled())
-    return ("reference", "onednn_products", "token_blocks") if inference else ("reference", "onednn_products")
 
 
 def _route_key(layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
@@ -285,8 +249,6 @@ def _route_key(layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
         attention.num_attention_heads,
         attention.sequences_reduction_ratio,
         layer.mlp.dense1.out_features,
-        layer.training,
-        torch.is_grad_enabled(),
         batch_size,
         round(math.log2(num_tokens)),  # inputs of similar size share one measurement
     )
@@ -295,42 +257,37 @@ def _route_key(layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
 def _time_route(
     name: str, layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int
 ) -> tuple[float, float]:
-    """Wall seconds for one run of a route (forward, plus backward when autograd records, into no `.grad`), and the
-    share of that time this process had all its threads on a CPU (below 1 when other processes took CPUs from it)."""
+    """Wall seconds for one run of a route, and the share of that time this process had all its threads on a CPU
+    (below 1 when other processes took CPUs from it)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    if torch.is_grad_enabled():
-        inputs = hidden_states.detach().requires_grad_()
-        output = ROUTES[name](layer, inputs, height, width)
-        wrt = [inputs, *(p for p in layer.parameters() if p.requires_grad)]
-        torch.autograd.grad(output, wrt, torch.ones_like(output), allow_unused=True)
-    else:
-        ROUTES[name](layer, hidden_states, height, width)
+    ROUTES[name](layer, hidden_states, height, width)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return wall, cpu / (wall * torch.get_num_threads())
 
 
 def _measure(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> tuple[str, dict[str, float]]:
-    """Time every candidate route on this input: a warm-up round (kernel set-up, allocations), then alternating rounds
-    until each route has two undisturbed timings (its threads had their CPUs at least `MIN_CPU_SHARE` of the time),
-    at most `MAX_ROUNDS`; a route's time is its best undisturbed one, or its best one if none was undisturbed.
-    Another route replaces the reference code only when it is clearly faster (`MIN_GAIN`), so measurement noise cannot
-    make a layer slower. Random streams (dropout, drop-path) are left as they were."""
-    candidates = _candidates(layer)
-    undisturbed = {name: [] for name in candidates}
-    every = {name: [] for name in candidates}
-    with torch.random.fork_rng(devices=[]):
-        for round_index in range(MAX_ROUNDS):
-            for name in candidates if round_index % 2 else reversed(candidates):
-                seconds, cpu_share = _time_route(name, layer, hidden_states, height, width)
-                if round_index:
-                    every[name].append(seconds)
-                    if cpu_share >= MIN_CPU_SHARE:
-                        undisturbed[name].append(seconds)
-            if round_index and all(len(times) >= 2 for times in undisturbed.values()):
+    """Time every route on this input in rounds (each runs every route once, the order alternating between rounds)
+    after a warm-up round (kernel set-up, allocations), until `ROUNDS_NEEDED` rounds were undisturbed. A route other
+    than the reference is chosen only if it beat the reference by `MIN_GAIN` in each of those rounds, so noise and
+    other processes cannot make a layer slower; among such routes, the fastest by median time."""
+    kept = {name: [] for name in ROUTES}
+    for round_index in range(MAX_ROUNDS):
+        order = list(ROUTES) if round_index % 2 else list(reversed(ROUTES))
+        timings = {name: _time_route(name, layer, hidden_states, height, width) for name in order}
+        if round_index and all(cpu_share >= MIN_CPU_SHARE for _, cpu_share in timings.values()):
+            for name, (seconds, _) in timings.items():
+                kept[name].append(seconds)
+            if len(kept["reference"]) == ROUNDS_NEEDED:
                 break
-    seconds = {name: min(undisturbed[name] or every[name]) for name in candidates}
-    fastest = min(seconds, key=seconds.get)
-    return (fastest if seconds[fastest] * MIN_GAIN < seconds["reference"] else "reference"), seconds
+    if len(kept["reference"]) < ROUNDS_NEEDED:
+        return "reference", {}
+    seconds = {name: statistics.median(times) for name, times in kept.items()}
+    winners = [
+        name
+        for name, times in kept.items()
+        if all(time_taken * MIN_GAIN < reference for time_taken, reference in zip(times, kept["reference"]))
+    ]
+    return min(winners, key=seconds.get, default="reference"), seconds
 
 
 def fastest_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -338,5 +295,5 @@ def fastest_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, height:
     key = _route_key(layer, hidden_states)
     if key not in measured_routes:
         measured_routes[key] = _measure(layer, hidden_states, height, width)
-        logger.info("PVT layer %s on CPU: %s (seconds per route %s)", key, *measured_routes[key])
+        logger.info("PVT layer %s on CPU: %s (median seconds per route %s)", key, *measured_routes[key])
     return ROUTES[measured_routes[key][0]](layer, hidden_states, height, width)

@@ -325,12 +325,17 @@ def eval_function(model: torch.nn.Module, pixel_values: torch.Tensor) -> Callabl
 
 
 # ------------------------------------------------------------------------------------------------------ the rows
-def ratios_to_stock(times: dict[str, list[float]]) -> dict[str, float]:
-    """Speed-ups (median of per-round ratios): every model against stock, and ours against its straightforward path."""
-    ratios = {f"{model}_vs_stock": median_ratio(times["stock"], times[model]) for model in times if model != "stock"}
+def ratios_to_stock(times: dict[str, list[float]]) -> dict:
+    """Speed-ups (median of per-round ratios): every model against stock, and ours against its straightforward path;
+    `per_round_range` holds the lowest and highest per-round ratio of each, the spread a reader weighs a median by."""
+    pairs = {f"{model}_vs_stock": ("stock", model) for model in times if model != "stock" and "gemm" not in model}
     if "ours_straightforward" in times:
-        ratios["ours_vs_straightforward"] = median_ratio(times["ours_straightforward"], times["ours"])
-    return {name: ratio for name, ratio in ratios.items() if not name.startswith("gemm")}
+        pairs["ours_vs_straightforward"] = ("ours_straightforward", "ours")
+    per_round = {name: [n / d for n, d in zip(times[slow], times[fast])] for name, (slow, fast) in pairs.items()}
+    return {
+        **{name: statistics.median(ratios) for name, ratios in per_round.items()},
+        "per_round_range": {name: [min(ratios), max(ratios)] for name, ratios in per_round.items()},
+    }
 
 
 def run_eval_row(preset: str, batch: int, plan: Plan, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -805,18 +810,22 @@ def markdown_table(results: dict) -> str:
         f"every timed model (memory: default allocator, see the JSON); load average "
         f"{results['load_average']['start']} at start, {results['load_average']['end']} at end. "
         f"{size}x{size} GEMMs in the same rounds: {rates}; MFU is against the faster. Speed-up = median of "
-        f"per-round ratios; {kept} of {run} timed rounds kept (rounds during which other processes used more than "
-        f"{results['plan']['max_foreign_load']:.0%} of the CPUs were repeated).",
+        f"per-round ratios (lowest-highest round in brackets); {kept} of {run} timed rounds kept (rounds during "
+        f"which other processes used more than {results['plan']['max_foreign_load']:.0%} of the CPUs were repeated).",
         "",
         "| Case | stock transformers | modeling_pvt | "
         + ("ours, acceleration off | ours vs stock | ours vs acceleration off |" if three else "ours vs stock |"),
         "|---|---:|---:|" + ("---:|---:|---:|" if three else "---:|"),
     ]
 
+    def ratio(row: dict, name: str) -> str:
+        low, high = row["per_round_range"][name]
+        return f"{row[name]:.2f}x ({low:.2f}-{high:.2f})"
+
     def line(case: str, values: list[str], row: dict) -> None:
-        ratios = [f"{row['ours_vs_stock']:.2f}x"]
+        ratios = [ratio(row, "ours_vs_stock")]
         if three:
-            ratios.append(f"{row['ours_vs_straightforward']:.2f}x")
+            ratios.append(ratio(row, "ours_vs_straightforward"))
         else:
             values = values[:2]
         lines.append(f"| {case} | " + " | ".join(values + ratios) + " |")
