@@ -1,8 +1,8 @@
 """Faster CPU inference for a `PvtLayer`, used only where it was measured faster on the machine at hand.
 
 `modeling_pvt.py` is the reference implementation. A layer asks `fast_path_applies` (the one predicate) whether it
-may run through this module; if so, `fastest_layer_forward` runs it by the route that a one-time measurement on this
-machine found fastest for that layer shape and input size (cached per process):
+may run through this module; if so, `fastest_layer_forward` runs it by the route measured fastest on this machine for
+that layer shape and input size (measured once per process):
 
 - `reference`: the layer's own code, unchanged;
 - `fused`: the layer with its matrix products run by oneDNN, bias, exact GELU and residual additions fused into them
@@ -12,12 +12,13 @@ machine found fastest for that layer shape and input size (cached per process):
   memory at detection sizes).
 
 Whether oneDNN's products beat PyTorch's BLAS, and whether blocking pays, depends on the CPU (its ISA, its caches,
-which GEMM library is faster there), so nothing is assumed: the routes are timed against the reference code, in
-alternating rounds, and another route is taken only when it won every undisturbed round by a clear margin.
+which GEMM library is faster there), so nothing is assumed: the first calls of each layer shape and input size take
+the routes in turn and are timed where they run (`RouteTrial`), and another route than the reference is kept only
+when it won every round by a clear margin (`choose_route`).
 
 Only inference is accelerated: a layer in eval mode with autograd off (`torch.no_grad()`, `torch.inference_mode()`).
-Training runs the reference code: a training step spends its time in products whose backward oneDNN ran no faster
-than PyTorch's BLAS on every CPU measured, so a route there did not pay. Every route computes the same function as the
+Training runs the reference code: a route for the backward pass did not pay on both CPU families (see the README's
+Performance section). Every route computes the same function as the
 reference code, to float32 rounding. The predicate also steps aside, so the reference code runs, for anything the
 routes were not measured for or would change: other dtypes or devices, autocast, torch.compile / export / jit / fx
 tracing, Python dispatch and function modes (FLOP counters, fake tensors), torch.func transforms, hooks on the layer's
@@ -229,16 +230,55 @@ ROUTES: dict[str, Callable[[nn.Module, torch.Tensor, int, int], torch.Tensor]] =
     "fused": _fused_whole,
     "fused_token_blocks": _fused_token_blocks,
 }
-# Another route replaces the reference code only when it was at least this much faster in every undisturbed round.
+# Another route replaces the reference code only when it was at least this much faster in every timed round.
 MIN_GAIN = 1.03
-# A round counts as undisturbed when this process's threads were on a CPU this share of the time in each of its
-# timings. The decision needs `ROUNDS_NEEDED` undisturbed rounds (after a warm-up round) out of at most `MAX_ROUNDS`;
-# with fewer, other processes kept taking the CPUs and the reference code stays.
-MIN_CPU_SHARE = 0.9
-ROUNDS_NEEDED = 3
-MAX_ROUNDS = 8
-# route chosen per (layer shape, input size), with the median measured seconds of every route
+# Rounds of a trial: each runs every route once; the first only warms up (kernel set-up, allocations).
+TRIAL_ROUNDS = 5
+
+
+class RouteTrial:
+    """Times the routes on a layer shape's real calls and then names the one to keep.
+
+    Successive calls of the shape (the layers of a stage, then the next forward passes) take the routes in turn, the
+    order reversed every round, and each call is timed. So the routes are measured where they run, inside the model
+    with its real inputs and caches, and at no cost beyond running the slower routes for a few calls.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, list[float]] = {name: [] for name in ROUTES}
+        self.calls = 0
+
+    def next_route(self) -> str:
+        round_index, position = divmod(self.calls, len(ROUTES))
+        order = list(ROUTES) if round_index % 2 == 0 else list(reversed(ROUTES))
+        return order[position]
+
+    def record(self, route: str, seconds: float) -> None:
+        if self.calls >= len(ROUTES):  # after the warm-up round
+            self.seconds[route].append(seconds)
+        self.calls += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.calls >= TRIAL_ROUNDS * len(ROUTES)
+
+
+def choose_route(seconds: dict[str, list[float]]) -> str:
+    """The route to keep, from per-round timings (`seconds[route][round]`): another route than the reference only if
+    it beat the reference by `MIN_GAIN` in every round, so neither noise nor other processes can make a layer slower;
+    among such routes the fastest by median."""
+    reference = seconds["reference"]
+
+    def always_faster(times: list[float]) -> bool:
+        return bool(times) and all(taken * MIN_GAIN < baseline for taken, baseline in zip(times, reference))
+
+    winners = [name for name, times in seconds.items() if name != "reference" and always_faster(times)]
+    return min(winners, key=lambda name: statistics.median(seconds[name]), default="reference")
+
+
+# per (layer shape, input size): the route kept, with the median seconds of every route; and the trials under way
 measured_routes: dict[tuple, tuple[str, dict[str, float]]] = {}
+route_trials: dict[tuple, RouteTrial] = {}
 
 
 def _route_key(layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
@@ -254,46 +294,19 @@ def _route_key(layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
     )
 
 
-def _time_route(
-    name: str, layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int
-) -> tuple[float, float]:
-    """Wall seconds for one run of a route, and the share of that time this process had all its threads on a CPU
-    (below 1 when other processes took CPUs from it)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    ROUTES[name](layer, hidden_states, height, width)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return wall, cpu / (wall * torch.get_num_threads())
-
-
-def _measure(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> tuple[str, dict[str, float]]:
-    """Time every route on this input in rounds (each runs every route once, the order alternating between rounds)
-    after a warm-up round (kernel set-up, allocations), until `ROUNDS_NEEDED` rounds were undisturbed. A route other
-    than the reference is chosen only if it beat the reference by `MIN_GAIN` in each of those rounds, so noise and
-    other processes cannot make a layer slower; among such routes, the fastest by median time."""
-    kept = {name: [] for name in ROUTES}
-    for round_index in range(MAX_ROUNDS):
-        order = list(ROUTES) if round_index % 2 else list(reversed(ROUTES))
-        timings = {name: _time_route(name, layer, hidden_states, height, width) for name in order}
-        if round_index and all(cpu_share >= MIN_CPU_SHARE for _, cpu_share in timings.values()):
-            for name, (seconds, _) in timings.items():
-                kept[name].append(seconds)
-            if len(kept["reference"]) == ROUNDS_NEEDED:
-                break
-    if len(kept["reference"]) < ROUNDS_NEEDED:
-        return "reference", {}
-    seconds = {name: statistics.median(times) for name, times in kept.items()}
-    winners = [
-        name
-        for name, times in kept.items()
-        if all(time_taken * MIN_GAIN < reference for time_taken, reference in zip(times, kept["reference"]))
-    ]
-    return min(winners, key=seconds.get, default="reference"), seconds
-
-
 def fastest_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """`layer`'s output tokens by the route measured fastest for its shape and this input size on this machine."""
+    """`layer`'s output tokens by the route measured fastest for its shape and this input size on this machine (while
+    that is being measured, by the route whose turn it is)."""
     key = _route_key(layer, hidden_states)
-    if key not in measured_routes:
-        measured_routes[key] = _measure(layer, hidden_states, height, width)
+    if key in measured_routes:
+        return ROUTES[measured_routes[key][0]](layer, hidden_states, height, width)
+    trial = route_trials.setdefault(key, RouteTrial())
+    route = trial.next_route()
+    start = time.perf_counter()
+    output = ROUTES[route](layer, hidden_states, height, width)
+    trial.record(route, time.perf_counter() - start)
+    if trial.complete and route_trials.pop(key, None) is trial:
+        seconds = {name: statistics.median(times) for name, times in trial.seconds.items()}
+        measured_routes[key] = (choose_route(trial.seconds), seconds)
         logger.info("PVT layer %s on CPU: %s (median seconds per route %s)", key, *measured_routes[key])
-    return ROUTES[measured_routes[key][0]](layer, hidden_states, height, width)
+    return output

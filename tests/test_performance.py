@@ -133,31 +133,28 @@ def test_the_predicate_steps_aside(tiny_config):
         torch.set_grad_enabled(True)
 
 
-def fake_timings(seconds: dict[str, list[float]], cpu_share: float = 1.0):
-    """A stand-in for `_time_route`: each route's timings in turn, every one taken with `cpu_share` of the CPUs."""
-    calls = {name: 0 for name in seconds}
+def test_a_route_is_kept_only_if_faster_than_the_reference_in_every_round():
+    def choose(fused: list[float], blocks: list[float]) -> str:
+        return cpu_acceleration.choose_route({"reference": [1.0] * 4, "fused": fused, "fused_token_blocks": blocks})
 
-    def time_route(name, *args):
-        calls[name] += 1
-        return seconds[name][(calls[name] - 1) % len(seconds[name])], cpu_share
+    assert choose([0.99] * 4, [1.2] * 4) == "reference"  # under MIN_GAIN
+    assert choose([0.9] * 4, [0.8] * 4) == "fused_token_blocks"
+    # faster by median, slower in one round (another process's burst, say): not kept
+    assert choose([0.5, 0.5, 0.5, 1.1], [2.0] * 4) == "reference"
+    assert choose([0.5, 0.5, 0.5, 0.9], [2.0] * 4) == "fused"
+    assert cpu_acceleration.choose_route({"reference": [], "fused": [], "fused_token_blocks": []}) == "reference"
 
-    return time_route
 
-
-def test_the_measurement_keeps_the_reference_unless_faster_in_every_round(tiny_config, monkeypatch):
-    layer, hidden_states, height, width = first_layer(build(tiny_config))
-
-    def measure(seconds, cpu_share=1.0):
-        monkeypatch.setattr(cpu_acceleration, "_time_route", fake_timings(seconds, cpu_share))
-        return cpu_acceleration._measure(layer, hidden_states, height, width)[0]
-
-    assert measure({"reference": [1.0], "fused": [0.99], "fused_token_blocks": [1.2]}) == "reference"  # under 3%
-    assert measure({"reference": [1.0], "fused": [0.9], "fused_token_blocks": [0.8]}) == "fused_token_blocks"
-    # faster by median, but slower in one round: not chosen
-    assert measure({"reference": [1.0], "fused": [0.5, 0.5, 0.5, 1.1], "fused_token_blocks": [2.0]}) == "reference"
-    assert measure({"reference": [1.0], "fused": [0.5, 0.5, 0.5, 0.9], "fused_token_blocks": [2.0]}) == "fused"
-    # timings taken while other processes held the CPUs do not count; with no undisturbed rounds the reference stays
-    assert measure({"reference": [1.0], "fused": [0.1], "fused_token_blocks": [0.1]}, cpu_share=0.5) == "reference"
+def test_a_trial_takes_each_route_in_turn_and_skips_the_warm_up_round():
+    trial = cpu_acceleration.RouteTrial()
+    routes = []
+    while not trial.complete:
+        routes.append(trial.next_route())
+        trial.record(routes[-1], 1.0)
+    names = list(cpu_acceleration.ROUTES)
+    assert routes[: 2 * len(names)] == names + names[::-1]
+    assert len(routes) == cpu_acceleration.TRIAL_ROUNDS * len(names)
+    assert all(len(times) == cpu_acceleration.TRIAL_ROUNDS - 1 for times in trial.seconds.values())
 
 
 @needs_onednn
@@ -166,18 +163,20 @@ def test_only_inference_is_measured_and_accelerated(tiny_config, monkeypatch):
     model = build(tiny_config)
     layer, hidden_states, height, width = first_layer(model)
     monkeypatch.setattr(cpu_acceleration, "measured_routes", {})
+    monkeypatch.setattr(cpu_acceleration, "route_trials", {})
     layer(hidden_states, height, width)[0].sum().backward()  # eval mode, autograd on (a saliency map, say)
     with torch.no_grad():
         model.train()
         layer(hidden_states, height, width)
-    assert not cpu_acceleration.measured_routes
+    assert not cpu_acceleration.route_trials and not cpu_acceleration.measured_routes
     model.eval()
     with torch.no_grad():
-        accelerated = layer(hidden_states, height, width)[0]
-    assert list(cpu_acceleration.measured_routes.values())[0][0] in cpu_acceleration.ROUTES
-    model.set_cpu_acceleration(False)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(hidden_states, height, width)[0], accelerated, atol=1e-5, rtol=1e-5)
+        reference = cpu_acceleration.ROUTES["reference"](layer, hidden_states, height, width)
+        for _ in range(cpu_acceleration.TRIAL_ROUNDS * len(cpu_acceleration.ROUTES)):  # every route's turn, and after
+            torch.testing.assert_close(layer(hidden_states, height, width)[0], reference, atol=1e-5, rtol=1e-5)
+    assert not cpu_acceleration.route_trials
+    ((route, seconds),) = cpu_acceleration.measured_routes.values()
+    assert route in cpu_acceleration.ROUTES and set(seconds) == set(cpu_acceleration.ROUTES)
 
 
 def test_benchmark_smoke_runs_end_to_end(tmp_path):
