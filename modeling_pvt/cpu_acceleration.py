@@ -92,15 +92,39 @@ def _global_hooks() -> bool:
     )
 
 
+def _submodules(module: nn.Module) -> list[nn.Module]:
+    """Every module below `module`. `module.modules()` does the same at several times the cost (a generator that
+    tracks duplicates); the predicate runs on every layer call, so its cost is paid on every forward."""
+    found, pending = [], list(module._modules.values())
+    while pending:
+        child = pending.pop()
+        if child is not None:
+            found.append(child)
+            pending.extend(child._modules.values())
+    return found
+
+
+def _plain_float32_linear(module: nn.Module) -> bool:
+    """A plain `nn.Linear` with float32 parameters: the routes read its weight and bias directly (not a quantized,
+    adapter-wrapped or tensor-subclass projection)."""
+    return type(module) is nn.Linear and all(
+        parameter is None or (type(parameter) is nn.Parameter and parameter.dtype == torch.float32)
+        for parameter in module._parameters.values()
+    )
+
+
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
-    attention = layer.attention.self
+    """The layer's six projections, looked up in the module dictionaries (attribute access to a submodule goes
+    through `nn.Module.__getattr__`, which costs several times more on every forward)."""
+    attention, mlp = layer._modules["attention"], layer._modules["mlp"]
+    self_attention = attention._modules["self"]
     return (
-        attention.query,
-        attention.key,
-        attention.value,
-        layer.attention.output.dense,
-        layer.mlp.dense1,
-        layer.mlp.dense2,
+        self_attention._modules["query"],
+        self_attention._modules["key"],
+        self_attention._modules["value"],
+        attention._modules["output"]._modules["dense"],
+        mlp._modules["dense1"],
+        mlp._modules["dense2"],
     )
 
 
@@ -122,10 +146,9 @@ def fast_path_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._functorch.peek_interpreter_stack() is None
         and layer.attention.self.config._attn_implementation in ("eager", "sdpa")
-        and all(type(projection) is nn.Linear for projection in _projections(layer))
-        and all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in layer.parameters())
+        and all(_plain_float32_linear(projection) for projection in _projections(layer))
         and not _global_hooks()
-        and not any(_hooked(module) for module in layer.modules() if module is not layer)
+        and not any(_hooked(module) for module in _submodules(layer))
     )
 
 
@@ -193,18 +216,21 @@ def _fused(
     value = attention.split_heads(linear(reduced, attention.value.weight, attention.value.bias))
     exact_gelu = isinstance(mlp.intermediate_act_fn, GELUActivation) and mlp.intermediate_act_fn.act is F.gelu
 
-    def block_output(images: slice, tokens: slice) -> torch.Tensor:
+    # Each step is its own function so that its temporaries (queries, attention output, normalised tokens) are freed
+    # when it returns: at detection sizes they are tens of megabytes each.
+    def attend(images: slice, tokens: slice) -> torch.Tensor:
         query = attention.split_heads(linear(normalized[images, tokens], attention.query.weight, attention.query.bias))
         attended = F.scaled_dot_product_attention(query, key[images], value[images], scale=attention.scaling)
-        block = linear_add(
-            attended.transpose(1, 2).flatten(2), projection.weight, projection.bias, hidden_states[images, tokens]
-        )
-        normalized_block = layer.layer_norm_2(block)
+        return attended.transpose(1, 2).flatten(2)
+
+    def expand(block: torch.Tensor) -> torch.Tensor:
         if exact_gelu:
-            expanded = linear_gelu(normalized_block, mlp.dense1.weight, mlp.dense1.bias)
-        else:
-            expanded = mlp.intermediate_act_fn(linear(normalized_block, mlp.dense1.weight, mlp.dense1.bias))
-        return linear_add(expanded, mlp.dense2.weight, mlp.dense2.bias, block)
+            return linear_gelu(layer.layer_norm_2(block), mlp.dense1.weight, mlp.dense1.bias)
+        return mlp.intermediate_act_fn(linear(layer.layer_norm_2(block), mlp.dense1.weight, mlp.dense1.bias))
+
+    def block_output(images: slice, tokens: slice) -> torch.Tensor:
+        block = linear_add(attend(images, tokens), projection.weight, projection.bias, hidden_states[images, tokens])
+        return linear_add(expand(block), mlp.dense2.weight, mlp.dense2.bias, block)
 
     blocks = token_blocks(*hidden_states.shape[:2], tokens_per_block)
     if len(blocks) == 1:
