@@ -23,21 +23,37 @@ from .training import is_compiled
 logger = get_logger(__name__)
 
 
+def evaluation_batches(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader: torch.utils.data.DataLoader,
+    input_names: Sequence[str] = ("pixel_values",),
+) -> Iterator[tuple[dict, dict[str, torch.Tensor], int]]:
+    """`(batch, model inputs, real size)` for each batch, with the model put in eval mode.
+
+    A compiled model is specialised to the batch size it first saw: the last, smaller batch is padded with copies of
+    its last image instead of compiling another graph; keep only the first `real size` outputs.
+    """
+    model.eval()
+    padded_size = 0 if is_compiled(model) else None
+    for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
+        inputs = {name: batch[name] for name in input_names if batch.get(name) is not None}
+        size = len(inputs["pixel_values"])
+        if padded_size is not None:
+            padded_size = max(padded_size, size)
+            inputs = {
+                name: torch.cat([value, value[-1:].expand(padded_size - size, *value.shape[1:])])
+                for name, value in inputs.items()
+            }
+        yield batch, inputs, size
+
+
 def _batches_with_logits(
     accelerator: Accelerator, model: torch.nn.Module, dataloader: torch.utils.data.DataLoader
 ) -> Iterator[tuple[dict, torch.Tensor]]:
-    model.eval()
-    # A compiled model is specialised to the batch size it first saw: the last, smaller batch is padded with copies
-    # of its last image instead of compiling another graph, and only the real images' logits are kept.
-    padded_size = 0 if is_compiled(model) else None
-    for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
-        pixel_values = batch["pixel_values"]
-        size = len(pixel_values)
-        if padded_size is not None:
-            padded_size = max(padded_size, size)
-            pixel_values = torch.cat([pixel_values, pixel_values[-1:].expand(padded_size - size, -1, -1, -1)])
+    for batch, inputs, size in evaluation_batches(accelerator, model, dataloader):
         with torch.no_grad():
-            yield batch, model(pixel_values=pixel_values).logits[:size]
+            yield batch, model(**inputs).logits[:size]
 
 
 def label_mapping(model_id2label: dict[int, str], dataset_labels: Sequence[str]) -> list[int] | None:

@@ -95,17 +95,18 @@ def compile_model(model: torch.nn.Module, backend: str | None) -> None:
 
 
 def compiled_graph_count(model: torch.nn.Module) -> int | None:
-    """Graphs torch.compile has captured in this process when `model` (prepared or not) was compiled by
-    `compile_model`; else None. A count that grows after the first training step and the first evaluation means
-    recompilation."""
+    """Graphs torch.compile has captured in this process when `model` (prepared or not), or a module inside it, was
+    compiled by `compile_model`; else None. A count that grows after the first training step and the first
+    evaluation means recompilation."""
     if not is_compiled(model):
         return None
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
-    """Whether `model`, or the module that DDP/FSDP wrap in it, was compiled in place."""
-    return getattr(getattr(model, "module", model), "_compiled_call_impl", None) is not None
+    """Whether `model` or a module inside it (the module DDP/FSDP wrap, a detector's backbone) was compiled in
+    place."""
+    return any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
 
 
 def is_sharded(accelerator: Accelerator) -> bool:

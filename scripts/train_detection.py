@@ -55,6 +55,7 @@ from modeling_pvt.detection.modeling import (
     build_detector,
     build_detector_config,
     build_image_processor,
+    find_pvt_backbone,
     freeze_backbone_stages,
     parameter_groups,
 )
@@ -63,10 +64,13 @@ from modeling_pvt.results import dataset_fields
 from modeling_pvt.training import (
     TrainingLoop,
     add_checkpoint_arguments,
+    add_compile_argument,
     add_hub_arguments,
     build_eval_dataloader,
     build_lr_scheduler,
     build_train_dataloader,
+    compile_model,
+    compiled_graph_count,
     plan_steps,
     publish_run,
     save_and_evaluate,
@@ -208,6 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--horizontal_flip", type=float, help="Flip probability [recipe].")
     training.add_argument("--photometric", type=lambda value: value.lower() in ("1", "true", "yes"), help="[recipe]")
     training.add_argument("--seed", type=int, default=42)
+    add_compile_argument(parser)
     add_checkpoint_arguments(parser)
     add_hub_arguments(parser)
 
@@ -227,6 +232,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.backbone_name_or_path = DIGITS_BACKBONE_DIR
     if not args.uses_embedded_dataset and args.model_size is None and args.backbone_name_or_path is None:
         parser.error("Pass --backbone_name_or_path (a PVT checkpoint) or --model_size (random backbone).")
+    if args.torch_compile and args.image_size is None and args.detector != "rt_detr":
+        parser.error(
+            "--torch_compile compiles the backbone for one input size: pass --image_size (the DETR family's default "
+            "resize, 800/1333 pixels on the shortest/longest edge, gives images of different shapes)."
+        )
     if args.uses_embedded_dataset and args.config_overrides == {}:
         args.config_overrides = dict(DIGITS_DETECTOR_SETTINGS[args.detector])
     return args
@@ -416,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
         except DataError as error:  # a message for the user, not a traceback
             raise SystemExit(f"Data error: {error}") from error
     model, image_processor = build_model(args, data)
+    # The backbone only: the detectors match predictions to objects (scipy's Hungarian algorithm) inside their
+    # forward, which no graph can hold. The backbone is one graph, for one input size.
+    compile_model(find_pvt_backbone(model), args.torch_compile)
     set_seed(args.seed, device_specific=True)
 
     augmentation = None
@@ -508,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": str(accelerator.device.type),
         "mixed_precision": accelerator.mixed_precision,
         "detector": args.detector,
+        "torch_compile_graphs": compiled_graph_count(model),
         "skipped_unreadable_images": data.skipped_images,
         "weights_sha256_per_rank": digests,
     }

@@ -204,6 +204,27 @@ def test_bad_data_stops_before_training_with_the_file_named(data, tmp_path):
     assert "Data error" in result.stderr and "annotation 1" in result.stderr and "outside" in result.stderr
 
 
+def test_torch_compile_captures_one_backbone_graph_for_training_and_one_for_evaluation(data, tmp_path):
+    """One process, 2 epochs, 5 digit canvases held out in batches of 2: neither a new epoch nor the last, smaller
+    evaluation batch may compile the backbone again (without the padding the count is 3)."""
+    output_dir = tmp_path / "compiled"
+    launch(
+        "--backbone_name_or_path", str(data["classifier"]), "--image_size", "64", "--num_train_canvases", "8",
+        "--num_eval_canvases", "5", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2",
+        "--num_train_epochs", "2", "--torch_compile", "eager", "--output_dir", str(output_dir), processes=1,
+    )  # fmt: skip
+    results = results_of(output_dir)
+    assert results["torch_compile_graphs"] == 2
+    assert results["eval_samples"] == 5 and results["completed_steps"] == 4
+
+
+def test_torch_compile_without_a_fixed_input_size_is_refused(data, tmp_path):
+    arguments = [arg for arg in coco_args(data) if arg not in ("--image_size", "64")]
+    result = launch(*arguments, "--torch_compile", "--output_dir", str(tmp_path), processes=1, expect_success=False)
+    assert result.returncode != 0 and "--image_size" in result.stderr
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 # --------------------------------------------------------------------------------- the digits default and its use
 @pytest.fixture(scope="module")
 def digits_run(data, tmp_path_factory) -> Path:

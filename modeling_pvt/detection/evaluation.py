@@ -5,9 +5,9 @@ from collections.abc import Sequence
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers.image_transforms import center_to_corners_format
 
+from ..evaluation import evaluation_batches
 from ..results import Metric, Task
 
 
@@ -122,11 +122,10 @@ def evaluate_detector(
     score threshold: mAP ranks all of them.
     """
     evaluator = DetectionEvaluator(id2label)
-    model.eval()
-    for batch in tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process):
+    for batch, inputs, size in evaluation_batches(accelerator, model, dataloader, ("pixel_values", "pixel_mask")):
         with torch.no_grad():
-            outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"))
-        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
+            outputs = model(**inputs)
+        outputs.logits, outputs.pred_boxes = outputs.logits[:size].float(), outputs.pred_boxes[:size].float()
         frames = torch.tensor([_to_original_pixels(batch, index) for index in range(len(batch["labels"]))])
         predictions = image_processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=frames)
         items = []
