@@ -5,8 +5,9 @@ between the two. Differences from the built-in port: the numerics of the origina
 input size (position embeddings are resized), attention through transformers' attention interface (SDPA by default,
 switchable with `set_attn_implementation`), a `PvtBackbone` for dense prediction and gradient checkpointing.
 
-This file is the reference implementation. On CPUs each layer may run through `cpu_acceleration` instead, which
-computes the same function (to float32 rounding) and is used only where it was measured faster on the machine at hand.
+This file is the reference implementation. In CPU inference each layer may run through `cpu_acceleration` instead,
+which computes the same function (to float32 rounding) and is used only where it was measured faster on the machine
+at hand.
 """
 
 import math
@@ -389,8 +390,8 @@ class PvtPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
 
     def set_cpu_acceleration(self, enabled: bool) -> None:
-        """Let every layer run through `cpu_acceleration` where it applies and was measured faster (the default), or
-        always run the reference code of this file. Results agree to float32 rounding either way."""
+        """Let every layer run through `cpu_acceleration` in CPU inference where it applies and was measured faster
+        (the default), or always run the reference code of this file. Results agree to float32 rounding either way."""
         for module in self.modules():
             if isinstance(module, PvtLayer):
                 module.cpu_acceleration = enabled

@@ -145,6 +145,17 @@ def test_a_route_is_kept_only_if_faster_than_the_reference_in_every_round():
     assert cpu_acceleration.choose_route({"reference": [], "fused": [], "fused_token_blocks": []}) == "reference"
 
 
+@needs_onednn
+def test_a_layer_shape_that_kept_the_reference_code_runs_it_directly(tiny_config, monkeypatch):
+    layer, hidden_states, *_ = first_layer(build(tiny_config))
+    key = cpu_acceleration._route_key(layer, hidden_states)
+    with torch.no_grad():
+        monkeypatch.setattr(cpu_acceleration, "measured_routes", {key: ("fused", {})})
+        assert cpu_acceleration.fast_path_applies(layer, hidden_states)
+        monkeypatch.setattr(cpu_acceleration, "measured_routes", {key: ("reference", {})})
+        assert not cpu_acceleration.fast_path_applies(layer, hidden_states)
+
+
 def test_a_trial_takes_each_route_in_turn_and_skips_the_warm_up_round():
     trial = cpu_acceleration.RouteTrial()
     routes = []
