@@ -12,9 +12,9 @@ that layer shape and input size (measured once per process):
   memory at detection sizes).
 
 Whether oneDNN's products beat PyTorch's BLAS, and whether blocking pays, depends on the CPU (its ISA, its caches,
-which GEMM library is faster there), so nothing is assumed: the first calls of each layer shape and input size take
-the routes in turn and are timed where they run (`RouteTrial`), and another route than the reference is kept only
-when it won every round by a clear margin (`choose_route`).
+which GEMM library is faster there), so nothing is assumed: the first call of each layer shape and input size times
+every route on its input, in alternating rounds (`_measure`), and another route than the reference is kept only when
+it was faster in every round and clearly faster in the median one (`choose_route`).
 
 Only inference is accelerated: a layer in eval mode with autograd off (`torch.no_grad()`, `torch.inference_mode()`).
 Training runs the reference code: a route for the backward pass did not pay on both CPU families (see the README's
@@ -270,35 +270,9 @@ ROUTES: dict[str, Callable[[nn.Module, torch.Tensor, int, int], torch.Tensor]] =
 # Another route replaces the reference code only when it was faster in every timed round, and by this factor in the
 # median round.
 MIN_GAIN = 1.03
-# Rounds of a trial: each runs every route once; the first only warms up (kernel set-up, allocations).
-TRIAL_ROUNDS = 7
-
-
-class RouteTrial:
-    """Times the routes on a layer shape's real calls and then names the one to keep.
-
-    Successive calls of the shape (the layers of a stage, then the next forward passes) take the routes in turn, the
-    order reversed every round, and each call is timed. So the routes are measured where they run, inside the model
-    with its real inputs and caches, and at no cost beyond running the slower routes for a few calls.
-    """
-
-    def __init__(self):
-        self.seconds: dict[str, list[float]] = {name: [] for name in ROUTES}
-        self.calls = 0
-
-    def next_route(self) -> str:
-        round_index, position = divmod(self.calls, len(ROUTES))
-        order = list(ROUTES) if round_index % 2 == 0 else list(reversed(ROUTES))
-        return order[position]
-
-    def record(self, route: str, seconds: float) -> None:
-        if self.calls >= len(ROUTES):  # after the warm-up round
-            self.seconds[route].append(seconds)
-        self.calls += 1
-
-    @property
-    def complete(self) -> bool:
-        return self.calls >= TRIAL_ROUNDS * len(ROUTES)
+# Rounds of the measurement: each runs every route once, the order reversed every round; the first only warms up
+# (kernel set-up, allocations).
+MEASUREMENT_ROUNDS = 7
 
 
 def choose_route(seconds: dict[str, list[float]]) -> str:
@@ -315,9 +289,8 @@ def choose_route(seconds: dict[str, list[float]]) -> str:
     return min(winners, key=lambda name: statistics.median(seconds[name]), default="reference")
 
 
-# per (layer shape, input size): the route kept, with the median seconds of every route; and the trials under way
+# per (layer shape, input size): the route kept, with the median seconds of every route
 measured_routes: dict[tuple, tuple[str, dict[str, float]]] = {}
-route_trials: dict[tuple, RouteTrial] = {}
 
 
 def _route_key(layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
@@ -334,19 +307,26 @@ def _route_key(layer: nn.Module, hidden_states: torch.Tensor) -> tuple:
     )
 
 
+def _measure(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> dict[str, list[float]]:
+    """Seconds of every route on this input, per round after the warm-up round (`seconds[route][round]`)."""
+    seconds = {name: [] for name in ROUTES}
+    for round_index in range(MEASUREMENT_ROUNDS):
+        for name in list(ROUTES) if round_index % 2 == 0 else list(reversed(ROUTES)):
+            start = time.perf_counter()
+            ROUTES[name](layer, hidden_states, height, width)
+            if round_index:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def fastest_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """`layer`'s output tokens by the route measured fastest for its shape and this input size on this machine (while
-    that is being measured, by the route whose turn it is)."""
+    """`layer`'s output tokens by the route measured fastest for its shape and this input size on this machine. The
+    first call of a shape and size measures the routes on its input before answering, so every call, the first one
+    included, gives the output of the route kept: repeated calls give identical results."""
     key = _route_key(layer, hidden_states)
-    if key in measured_routes:
-        return ROUTES[measured_routes[key][0]](layer, hidden_states, height, width)
-    trial = route_trials.setdefault(key, RouteTrial())
-    route = trial.next_route()
-    start = time.perf_counter()
-    output = ROUTES[route](layer, hidden_states, height, width)
-    trial.record(route, time.perf_counter() - start)
-    if trial.complete and route_trials.pop(key, None) is trial:
-        seconds = {name: statistics.median(times) for name, times in trial.seconds.items()}
-        measured_routes[key] = (choose_route(trial.seconds), seconds)
+    if key not in measured_routes:
+        seconds = _measure(layer, hidden_states, height, width)
+        medians = {name: statistics.median(times) for name, times in seconds.items()}
+        measured_routes[key] = (choose_route(seconds), medians)
         logger.info("PVT layer %s on CPU: %s (median seconds per route %s)", key, *measured_routes[key])
-    return output
+    return ROUTES[measured_routes[key][0]](layer, hidden_states, height, width)

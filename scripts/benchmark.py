@@ -17,8 +17,8 @@ acceleration's own effect is a row too. The process follows the allocator settin
 
 * eval throughput at 224x224, batch 1 and 16, PVT-tiny and PVT-small;
 * one 800x1216 image (a detection input) with PVT-small: latency in-process, and peak forward memory, each model in
-  a fresh process of its own (resident-set high-water mark around a forward pass: the first, where the
-  acceleration's route trial starts, and one after it has kept its routes);
+  a fresh process of its own (resident-set high-water mark around a forward pass: the first, which includes the
+  acceleration's one-time measurement, and the next);
 * a training step (forward, backward, AdamW) at 224x224, batch 8;
 * model FLOP utilisation (MFU): 2 x multiply-adds x images/s (x3 for a training step) / FLOP/s of a large matrix
   product timed in the same rounds of the same process (the faster of PyTorch's two CPU GEMMs, its BLAS and oneDNN,
@@ -324,16 +324,6 @@ def eval_function(model: torch.nn.Module, pixel_values: torch.Tensor) -> Callabl
     return run
 
 
-def finish_route_trials(run: Callable[[], object]) -> None:
-    """Call `run` (a forward of ours) until the CPU acceleration has timed its routes on every layer shape it meets
-    (`cpu_acceleration.RouteTrial`), so that what is measured next runs the routes it kept."""
-    run()
-    for _ in range(cpu_acceleration.TRIAL_ROUNDS * len(cpu_acceleration.ROUTES)):
-        if not cpu_acceleration.route_trials:
-            return
-        run()
-
-
 # ------------------------------------------------------------------------------------------------------ the rows
 def ratios_to_stock(times: dict[str, list[float]]) -> dict:
     """Speed-ups (median of per-round ratios): every model against stock, and ours against its straightforward path;
@@ -356,7 +346,6 @@ def run_eval_row(preset: str, batch: int, plan: Plan, device: str, dtype: torch.
     pixel_values = pixel_values.to(device=device, dtype=dtype)
     gemms, gemm_flops = gemm_functions(plan.gemm_size, device, dtype)
     functions = {name: eval_function(model, pixel_values) for name, model in models.items()}
-    finish_route_trials(functions["ours"])
     timing = time_interleaved({**functions, **gemms}, plan, device, f"eval {preset} b{batch}")
     times = timing.times
     rates = gemm_rates(times, gemm_flops)
@@ -383,7 +372,6 @@ def run_detection_row(plan: Plan, device: str, dtype: torch.dtype) -> tuple[dict
     models = {name: model.to(device=device, dtype=dtype) for name, model in models.items()}
     pixel_values = pixel_values.to(device=device, dtype=dtype)
     functions = {name: eval_function(model, pixel_values) for name, model in models.items()}
-    finish_route_trials(functions["ours"])
     timing = time_interleaved(functions, plan, device, "detection size")
     height, width = plan.detection_size
     row = {
@@ -511,8 +499,8 @@ def reset_peak_resident_memory() -> bool:
 
 
 def child_memory(spec: dict) -> dict:
-    """Resident memory of this fresh process around two forward passes: the first (where the acceleration starts
-    timing its routes) and the next once it has kept one per layer shape. The allocator is left at its default here:
+    """Resident memory of this fresh process around two forward passes: the first (which includes the acceleration's
+    one-time measurement) and the next. The allocator is left at its default here:
     with the documented settings freed blocks stay in the process, so the resident set would count memory that is
     free, not what is in use.
 
@@ -526,8 +514,6 @@ def child_memory(spec: dict) -> dict:
     pixel_values = torch.randn(1, 3, *spec["image_size"])
     peaks = {}
     for forward in ("first", "next"):
-        if forward == "next" and spec["forward"]:
-            finish_route_trials(eval_function(model, pixel_values))
         if platform.libc_ver()[0] == "glibc":
             # give freed memory (the model build's scratch, the first forward's blocks) back to the kernel, so that
             # the baseline is what is alive and the next forward's peak is not hidden by blocks kept from the first
@@ -641,8 +627,8 @@ def detector_size(plan: Plan) -> tuple[int, int]:
 def detector_child_memory(spec: dict) -> dict:
     """Peak resident memory of DETR forwards above the built model, in a fresh process (as `child_memory`), with
     glibc's default allocator: the documented settings keep freed blocks in the process, so a second forward would
-    reuse the first one's memory and show no peak at all. The second forward is the steady state, once PVT's CPU
-    acceleration has kept its routes (the first runs its trial)."""
+    reuse the first one's memory and show no peak at all. The second forward is the steady state (the first also
+    holds PVT's one-time CPU route measurement)."""
     model = build_detr(spec["backbone"])
     pixel_values = torch.randn(1, 3, *spec["image_size"])
     if platform.libc_ver()[0] == "glibc":
@@ -651,8 +637,6 @@ def detector_child_memory(spec: dict) -> dict:
         return {"method": "unavailable"}
     peaks = {}
     for forward in ("first", "next"):
-        if forward == "next":
-            finish_route_trials(eval_function(model, pixel_values))
         before = read_status_kib("VmHWM")
         with torch.inference_mode():
             model(pixel_values)

@@ -156,16 +156,20 @@ def test_a_layer_shape_that_kept_the_reference_code_runs_it_directly(tiny_config
         assert not cpu_acceleration.fast_path_applies(layer, hidden_states)
 
 
-def test_a_trial_takes_each_route_in_turn_and_skips_the_warm_up_round():
-    trial = cpu_acceleration.RouteTrial()
-    routes = []
-    while not trial.complete:
-        routes.append(trial.next_route())
-        trial.record(routes[-1], 1.0)
-    names = list(cpu_acceleration.ROUTES)
-    assert routes[: 2 * len(names)] == names + names[::-1]
-    assert len(routes) == cpu_acceleration.TRIAL_ROUNDS * len(names)
-    assert all(len(times) == cpu_acceleration.TRIAL_ROUNDS - 1 for times in trial.seconds.values())
+def test_the_measurement_alternates_the_routes_and_skips_the_warm_up_round(tiny_config, monkeypatch):
+    layer, hidden_states, height, width = first_layer(build(tiny_config))
+    calls = []
+
+    def recorder(name: str):
+        return lambda *args: calls.append(name)
+
+    routes = {name: recorder(name) for name in cpu_acceleration.ROUTES}
+    monkeypatch.setattr(cpu_acceleration, "ROUTES", routes)
+    seconds = cpu_acceleration._measure(layer, hidden_states, height, width)
+    names = list(routes)
+    assert calls[: 2 * len(names)] == names + names[::-1]
+    assert len(calls) == cpu_acceleration.MEASUREMENT_ROUNDS * len(names)
+    assert all(len(times) == cpu_acceleration.MEASUREMENT_ROUNDS - 1 for times in seconds.values())
 
 
 @needs_onednn
@@ -174,20 +178,33 @@ def test_only_inference_is_measured_and_accelerated(tiny_config, monkeypatch):
     model = build(tiny_config)
     layer, hidden_states, height, width = first_layer(model)
     monkeypatch.setattr(cpu_acceleration, "measured_routes", {})
-    monkeypatch.setattr(cpu_acceleration, "route_trials", {})
     layer(hidden_states, height, width)[0].sum().backward()  # eval mode, autograd on (a saliency map, say)
     with torch.no_grad():
         model.train()
         layer(hidden_states, height, width)
-    assert not cpu_acceleration.route_trials and not cpu_acceleration.measured_routes
+    assert not cpu_acceleration.measured_routes
     model.eval()
     with torch.no_grad():
-        reference = cpu_acceleration.ROUTES["reference"](layer, hidden_states, height, width)
-        for _ in range(cpu_acceleration.TRIAL_ROUNDS * len(cpu_acceleration.ROUTES)):  # every route's turn, and after
-            torch.testing.assert_close(layer(hidden_states, height, width)[0], reference, atol=1e-5, rtol=1e-5)
-    assert not cpu_acceleration.route_trials
-    ((route, seconds),) = cpu_acceleration.measured_routes.values()
-    assert route in cpu_acceleration.ROUTES and set(seconds) == set(cpu_acceleration.ROUTES)
+        accelerated = layer(hidden_states, height, width)[0]
+        ((route, seconds),) = cpu_acceleration.measured_routes.values()
+        assert route in cpu_acceleration.ROUTES and set(seconds) == set(cpu_acceleration.ROUTES)
+        model.set_cpu_acceleration(False)
+        torch.testing.assert_close(layer(hidden_states, height, width)[0], accelerated, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("route", ["reference", "fused", "fused_token_blocks"])
+def test_repeated_forwards_are_identical_from_the_first_call(tiny_config, route, monkeypatch):
+    """Whatever route the measurement keeps, every call gives its output, the measuring call included."""
+    monkeypatch.setattr(cpu_acceleration, "measured_routes", {})
+    monkeypatch.setattr(cpu_acceleration, "choose_route", lambda seconds: route)
+    models = [build(tiny_config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first, second, other = (model(pixel_values).logits for model in (models[0], models[0], models[1]))
+    assert torch.equal(first, second) and torch.equal(first, other)
+    assert {kept for kept, _ in cpu_acceleration.measured_routes.values()} == {route}
 
 
 def test_benchmark_smoke_runs_end_to_end(tmp_path):

@@ -19,7 +19,6 @@ def accelerated_routes(monkeypatch):
     monkeypatch.setattr(cpu_acceleration, "TOKEN_BLOCK_BYTES", 2048)
     monkeypatch.setattr(cpu_acceleration, "_route_key", lambda *args: "every layer")
     monkeypatch.setattr(cpu_acceleration, "measured_routes", {"every layer": ("fused_token_blocks", {})})
-    monkeypatch.setattr(cpu_acceleration, "route_trials", {})
 
 
 def build(config, attn_implementation: str = "sdpa") -> PvtForImageClassification:
