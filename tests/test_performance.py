@@ -18,6 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 needs_onednn = pytest.mark.skipif(not cpu_acceleration.ONEDNN_LINEAR, reason="no oneDNN linear kernel here")
 
 
+@pytest.fixture(autouse=True)
+def fresh_measurements(monkeypatch):
+    """No route kept by an earlier test in this process: a shape that kept the reference code skips the predicate."""
+    monkeypatch.setattr(cpu_acceleration, "measured_routes", {})
+
+
 def build(config, attn_implementation: str = "sdpa") -> PvtForImageClassification:
     return PvtForImageClassification._from_config(config, attn_implementation=attn_implementation).eval()
 
@@ -177,7 +183,6 @@ def test_only_inference_is_measured_and_accelerated(tiny_config, monkeypatch):
     tiny_config.hidden_dropout_prob = 0.1
     model = build(tiny_config)
     layer, hidden_states, height, width = first_layer(model)
-    monkeypatch.setattr(cpu_acceleration, "measured_routes", {})
     layer(hidden_states, height, width)[0].sum().backward()  # eval mode, autograd on (a saliency map, say)
     with torch.no_grad():
         model.train()
@@ -196,7 +201,6 @@ def test_only_inference_is_measured_and_accelerated(tiny_config, monkeypatch):
 @pytest.mark.parametrize("route", ["reference", "fused", "fused_token_blocks"])
 def test_repeated_forwards_are_identical_from_the_first_call(tiny_config, route, monkeypatch):
     """Whatever route the measurement keeps, every call gives its output, the measuring call included."""
-    monkeypatch.setattr(cpu_acceleration, "measured_routes", {})
     monkeypatch.setattr(cpu_acceleration, "choose_route", lambda seconds: route)
     models = [build(tiny_config) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
