@@ -6,24 +6,29 @@ that layer shape and input size (measured once per process):
 
 - `reference`: the layer's own code, unchanged;
 - `fused`: the layer with its matrix products run by oneDNN, bias, exact GELU and residual additions fused into them
-  (one pass over memory instead of three), its temporaries freed step by step.
+  (one pass over memory instead of three);
+- `fused_token_blocks`: the same, a cache-sized block of tokens at a time (everything but the spatial reduction works
+  token by token). The MLP's wide activation then stays in cache, and temporaries stay small (a fraction of the peak
+  memory at detection sizes).
 
-Whether oneDNN's fused products beat PyTorch's BLAS depends on the CPU (its ISA, which GEMM library is faster there),
-so nothing is assumed: the first call of each layer shape and input size times both routes on its input, in
-alternating rounds (`_measure`), and `fused` is kept only when it was faster in every round and clearly faster in the
-median one (`choose_route`).
+Whether oneDNN's products beat PyTorch's BLAS, and whether blocking pays, depends on the CPU (its ISA, its caches,
+which GEMM library is faster there), so nothing is assumed: the first call of each layer shape and input size times
+every route on its input, in alternating rounds (`_measure`), and another route than the reference is kept only when
+it was faster in every round and clearly faster in the median one (`choose_route`).
 
 Only inference is accelerated: a layer in eval mode with autograd off (`torch.no_grad()`, `torch.inference_mode()`).
 Training runs the reference code: a route for the backward pass did not pay on both CPU families (see the README's
-Performance section). `fused` computes the same function as the reference code, to float32 rounding. The predicate
-also steps aside, so the reference code runs, for anything the route was not measured for or would change: other
-dtypes or devices, autocast, torch.compile / export / jit / fx tracing, Python dispatch and function modes (FLOP
-counters, fake tensors), torch.func transforms, hooks on the layer's submodules, projections that are not plain
-`nn.Linear` (quantized, LoRA-wrapped), attention maps requested and attention implementations other than eager/SDPA.
-`model.set_cpu_acceleration(False)` gives the reference code everywhere.
+Performance section). Every route computes the same function as the
+reference code, to float32 rounding. The predicate also steps aside, so the reference code runs, for anything the
+routes were not measured for or would change: other dtypes or devices, autocast, torch.compile / export / jit / fx
+tracing, Python dispatch and function modes (FLOP counters, fake tensors), torch.func transforms, hooks on the layer's
+submodules, projections that are not plain `nn.Linear` (quantized, LoRA-wrapped), attention maps requested and
+attention implementations other than eager/SDPA. `model.set_cpu_acceleration(False)` gives the reference code
+everywhere.
 """
 
 import math
+import os
 import platform
 import statistics
 import threading
@@ -51,6 +56,25 @@ def onednn_linear_available() -> bool:
 
 ONEDNN_LINEAR = onednn_linear_available()
 _state = threading.local()  # `reference`: True while a route runs the layer's own code
+
+
+def _last_level_cache_bytes() -> int | None:
+    """The largest CPU cache the OS reports for CPU 0 (Linux sysfs), in bytes."""
+    sizes = []
+    folder = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(folder):
+            with open(os.path.join(folder, entry, "size")) as file:
+                text = file.read().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1))
+    except (OSError, ValueError):
+        return None
+    return max(sizes, default=None)
+
+
+# One block's MLP activation takes a quarter of the last-level cache, leaving room for the weights and the block's
+# other tensors (8 MiB with a 32 MiB L3; where the OS does not say, that same 8 MiB).
+TOKEN_BLOCK_BYTES = (_last_level_cache_bytes() or 32 * 2**20) // 4
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -174,20 +198,40 @@ def _reference(layer: nn.Module, hidden_states: torch.Tensor, height: int, width
         _state.reference = False
 
 
-def _fused(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The layer in eval mode (dropout and drop-path are identities) by oneDNN's fused products."""
+def token_blocks(batch_size: int, num_tokens: int, tokens_per_block: int) -> list[tuple[slice, slice]]:
+    """`(images, tokens)` slices covering a batch, each a block of about `tokens_per_block` tokens: whole images
+    grouped while they are small, equal token ranges of one image otherwise."""
+    if tokens_per_block >= num_tokens:
+        images_per_block = tokens_per_block // num_tokens
+        return [
+            (slice(start, min(start + images_per_block, batch_size)), slice(None))
+            for start in range(0, batch_size, images_per_block)
+        ]
+    tokens_per_block = math.ceil(num_tokens / math.ceil(num_tokens / tokens_per_block))
+    return [
+        (slice(image, image + 1), slice(start, min(start + tokens_per_block, num_tokens)))
+        for image in range(batch_size)
+        for start in range(0, num_tokens, tokens_per_block)
+    ]
+
+
+def _fused(
+    layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int, tokens_per_block: int
+) -> torch.Tensor:
+    """The layer in eval mode (dropout and drop-path are identities) by oneDNN's fused products, `tokens_per_block`
+    tokens at a time. Keys and values come from the spatially reduced sequence of each whole image, computed first."""
     attention, projection, mlp = layer.attention.self, layer.attention.output.dense, layer.mlp
+    normalized = layer.layer_norm_1(hidden_states)
+    reduced = attention.reduce_sequence(normalized, height, width)
+    key = attention.split_heads(linear(reduced, attention.key.weight, attention.key.bias))
+    value = attention.split_heads(linear(reduced, attention.value.weight, attention.value.bias))
     exact_gelu = isinstance(mlp.intermediate_act_fn, GELUActivation) and mlp.intermediate_act_fn.act is F.gelu
 
-    # Each step is its own function so that its temporaries (normalised tokens, queries, keys and values, attention
-    # output) are freed when it returns: at detection sizes they are tens of megabytes each.
-    def attend() -> torch.Tensor:
-        normalized = layer.layer_norm_1(hidden_states)
-        reduced = attention.reduce_sequence(normalized, height, width)
-        key = attention.split_heads(linear(reduced, attention.key.weight, attention.key.bias))
-        value = attention.split_heads(linear(reduced, attention.value.weight, attention.value.bias))
-        query = attention.split_heads(linear(normalized, attention.query.weight, attention.query.bias))
-        attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scaling)
+    # Each step is its own function so that its temporaries (queries, attention output, normalised tokens) are freed
+    # when it returns: at detection sizes they are tens of megabytes each.
+    def attend(images: slice, tokens: slice) -> torch.Tensor:
+        query = attention.split_heads(linear(normalized[images, tokens], attention.query.weight, attention.query.bias))
+        attended = F.scaled_dot_product_attention(query, key[images], value[images], scale=attention.scaling)
         return attended.transpose(1, 2).flatten(2)
 
     def expand(block: torch.Tensor) -> torch.Tensor:
@@ -195,16 +239,36 @@ def _fused(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: in
             return linear_gelu(layer.layer_norm_2(block), mlp.dense1.weight, mlp.dense1.bias)
         return mlp.intermediate_act_fn(linear(layer.layer_norm_2(block), mlp.dense1.weight, mlp.dense1.bias))
 
-    block = linear_add(attend(), projection.weight, projection.bias, hidden_states)
-    return linear_add(expand(block), mlp.dense2.weight, mlp.dense2.bias, block)
+    def block_output(images: slice, tokens: slice) -> torch.Tensor:
+        block = linear_add(attend(images, tokens), projection.weight, projection.bias, hidden_states[images, tokens])
+        return linear_add(expand(block), mlp.dense2.weight, mlp.dense2.bias, block)
+
+    blocks = token_blocks(*hidden_states.shape[:2], tokens_per_block)
+    if len(blocks) == 1:
+        return block_output(*blocks[0])
+    output = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+    for images, tokens in blocks:
+        output[images, tokens] = block_output(images, tokens)
+    return output
+
+
+def _fused_whole(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return _fused(layer, hidden_states, height, width, hidden_states.shape[0] * hidden_states.shape[1])
+
+
+def _fused_token_blocks(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    # One block's MLP activation takes `TOKEN_BLOCK_BYTES`.
+    tokens_per_block = TOKEN_BLOCK_BYTES // (layer.mlp.dense1.out_features * hidden_states.element_size())
+    return _fused(layer, hidden_states, height, width, max(1, tokens_per_block))
 
 
 ROUTES: dict[str, Callable[[nn.Module, torch.Tensor, int, int], torch.Tensor]] = {
     "reference": _reference,
-    "fused": _fused,
+    "fused": _fused_whole,
+    "fused_token_blocks": _fused_token_blocks,
 }
-# `fused` replaces the reference code only when it was faster in every timed round, and by this factor in the median
-# round.
+# Another route replaces the reference code only when it was faster in every timed round, and by this factor in the
+# median round.
 MIN_GAIN = 1.03
 # Rounds of the measurement: each runs every route once, the order reversed every round; the first only warms up
 # (kernel set-up, allocations).

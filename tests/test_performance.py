@@ -36,10 +36,12 @@ def first_layer(model: PvtForImageClassification):
 
 
 @needs_onednn
+@pytest.mark.parametrize("route", ["fused", "fused_token_blocks"])
 @pytest.mark.parametrize("qkv_bias", [True, False])
-def test_the_fused_route_matches_the_reference_code(tiny_config, qkv_bias):
+def test_inference_routes_match_the_reference_code(tiny_config, route, qkv_bias, monkeypatch):
     tiny_config.qkv_bias = qkv_bias
     model = build(tiny_config)
+    monkeypatch.setattr(cpu_acceleration, "TOKEN_BLOCK_BYTES", 2048)  # several blocks, whole images and parts
     for stage in model.pvt.encoder.block:
         layer = stage[0]
         hidden_size = layer.layer_norm_1.normalized_shape[0]
@@ -47,8 +49,16 @@ def test_the_fused_route_matches_the_reference_code(tiny_config, qkv_bias):
             hidden_states = torch.randn(batch_size, height * width, hidden_size)
             with torch.no_grad():
                 expected = cpu_acceleration.ROUTES["reference"](layer, hidden_states, height, width)
-                actual = cpu_acceleration.ROUTES["fused"](layer, hidden_states, height, width)
+                actual = cpu_acceleration.ROUTES[route](layer, hidden_states, height, width)
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_token_blocks_cover_every_token_once():
+    for batch_size, num_tokens, per_block in [(3, 10, 4), (3, 10, 25), (2, 7, 7), (1, 5, 1)]:
+        seen = torch.zeros(batch_size, num_tokens, dtype=torch.int)
+        for images, tokens in cpu_acceleration.token_blocks(batch_size, num_tokens, per_block):
+            seen[images, tokens] += 1
+        assert (seen == 1).all()
 
 
 @needs_onednn
@@ -130,14 +140,15 @@ def test_the_predicate_steps_aside(tiny_config):
 
 
 def test_a_route_is_kept_only_if_faster_than_the_reference_in_every_round():
-    def choose(fused: list[float]) -> str:
-        return cpu_acceleration.choose_route({"reference": [1.0] * 4, "fused": fused})
+    def choose(fused: list[float], blocks: list[float]) -> str:
+        return cpu_acceleration.choose_route({"reference": [1.0] * 4, "fused": fused, "fused_token_blocks": blocks})
 
-    assert choose([0.99] * 4) == "reference"  # faster every time, but under MIN_GAIN
-    assert choose([0.9] * 4) == "fused"
-    assert choose([0.9, 0.9, 0.99, 0.99]) == "fused"  # the median round gained over MIN_GAIN
-    assert choose([0.5, 0.5, 0.5, 1.1]) == "reference"  # faster by median, slower in one round: not kept
-    assert cpu_acceleration.choose_route({"reference": [], "fused": []}) == "reference"
+    assert choose([0.99] * 4, [1.2] * 4) == "reference"  # faster every time, but under MIN_GAIN
+    assert choose([0.9] * 4, [0.8] * 4) == "fused_token_blocks"
+    assert choose([0.9, 0.9, 0.99, 0.99], [2.0] * 4) == "fused"  # the median round gained over MIN_GAIN
+    # faster by median, slower in one round (another process's burst, say): not kept
+    assert choose([0.5, 0.5, 0.5, 1.1], [2.0] * 4) == "reference"
+    assert cpu_acceleration.choose_route({"reference": [], "fused": [], "fused_token_blocks": []}) == "reference"
 
 
 @needs_onednn
@@ -187,7 +198,7 @@ def test_only_inference_is_measured_and_accelerated(tiny_config, monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("route", ["reference", "fused"])
+@pytest.mark.parametrize("route", ["reference", "fused", "fused_token_blocks"])
 def test_repeated_forwards_are_identical_from_the_first_call(tiny_config, route, monkeypatch):
     """Whatever route the measurement keeps, every call gives its output, the measuring call included."""
     monkeypatch.setattr(cpu_acceleration, "choose_route", lambda seconds: route)

@@ -14,10 +14,11 @@ from modeling_pvt import modeling_pvt as modeling
 
 @pytest.fixture(autouse=True)
 def accelerated_routes(monkeypatch):
-    """Wherever the predicate lets a layer through, run the acceleration's own route rather than whatever this
-    machine measured fastest at these toy sizes."""
+    """Wherever the predicate lets a layer through, run the acceleration's own route in several token blocks rather
+    than whatever this machine measured fastest at these toy sizes."""
+    monkeypatch.setattr(cpu_acceleration, "TOKEN_BLOCK_BYTES", 2048)
     monkeypatch.setattr(cpu_acceleration, "_route_key", lambda *args: "every layer")
-    monkeypatch.setattr(cpu_acceleration, "measured_routes", {"every layer": ("fused", {})})
+    monkeypatch.setattr(cpu_acceleration, "measured_routes", {"every layer": ("fused_token_blocks", {})})
 
 
 def build(config, attn_implementation: str = "sdpa") -> PvtForImageClassification:
