@@ -35,9 +35,10 @@ def environment(hub: HubServer | None = None, hf_home: Path | None = None) -> di
 
 
 def launch_command(script: str, *args: str, processes: int = 2) -> list[str]:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    # An explicit free port: other test runs on the machine may hold the default 29500.
-    launcher += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    if processes > 1:
+        # An explicit free port: other test runs on the machine may hold the default 29500.
+        launcher += ["--multi_gpu", "--main_process_port", str(free_port())]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*launcher, str(SCRIPTS / script), *args]
 

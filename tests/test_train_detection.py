@@ -3,9 +3,7 @@ resume, TensorBoard, the push to the test Hub, the digits default, and the saved
 detector (Auto class, pipeline on a real photo, post-processing), from a folder and from the Hub."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hub_server import HubServer
 from huggingface_hub import ModelCard
 from PIL import Image
+from script_launch import REPO, SCRIPT_TIMEOUT_S, environment, launch_command, run
 
 import modeling_pvt  # noqa: F401  (registers the pvt backbone with transformers' Auto classes)
 from modeling_pvt import PvtConfig, PvtForImageClassification
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "train_detection.py"
-TIMEOUT_S = 300
-HUB_TOKEN = "hf_test_detection_token"
 HUB_REPO = "trainer/pvt-toy-detector"
 TOY_BACKBONE = dict(hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 2], depths=[1, 1, 1, 1], image_size=32)
 TOY_HEADS = dict(
@@ -60,31 +54,8 @@ COCO_ARGS = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def environment(hub: HubServer | None = None, hf_home: Path | None = None) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    if hub is not None:
-        env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=HUB_TOKEN)
-        env["HF_HOME"] = str(hf_home)
-    return env
-
-
 def launch(*args: str, processes: int = 2, env: dict | None = None, expect_success: bool = True):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-    if processes > 1:
-        command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args]
-    result = subprocess.run(
-        command, cwd=REPO, env=env or environment(), capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-    if expect_success and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
+    return run(launch_command("train_detection.py", *args, processes=processes), expect_success, env)
 
 
 def make_coco_folder(folder: Path, num_images: int, seed: int) -> Path:
@@ -131,14 +102,6 @@ def coco_args(data: dict[str, Path]) -> list[str]:
         "--train_dir", str(data["train"]), "--validation_dir", str(data["validation"]),
         "--backbone_name_or_path", str(data["classifier"]), *COCO_ARGS,
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def hub():
-    with HubServer() as server:
-        server.state.add_token(HUB_TOKEN, "trainer")
-        yield server
-    assert not server.state.errors, f"the test Hub met requests it does not understand: {server.state.errors}"
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +236,7 @@ def test_without_the_import_stock_transformers_names_the_missing_pvt_backbone(di
         f"AutoModelForObjectDetection.from_pretrained({str(digits_run)!r})\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", client], env=environment(), capture_output=True, text=True, timeout=TIMEOUT_S
+        [sys.executable, "-c", client], env=environment(), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S
     )
     assert result.returncode != 0
     assert "PvtConfig" in result.stderr and "AutoBackbone" in result.stderr
