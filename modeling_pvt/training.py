@@ -6,6 +6,7 @@ Task-agnostic: a script builds its model, data and loss, and this module does th
   on a host without GPUs starts N processes that accelerate joins into one gloo group only when told to use the CPU.
 - `EpochShuffleSampler`, `EpochSeededDataset`, `build_train_dataloader`: sample order and random augmentation as pure
   functions of (seed, epoch, index), so a resumed run sees exactly the batches the uninterrupted run saw.
+- `build_optimizer`: AdamW, fused on a GPU.
 - `build_lr_scheduler`: the scheduler convention: stepped once per optimizer step, not prepared by accelerate (which
   would step it once per process), saved with the checkpoints.
 - `TrainingLoop`: epochs of accumulated optimizer steps with gradient clipping, checkpoints every N steps or every
@@ -240,6 +241,14 @@ def plan_steps(
     steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
     total = max_train_steps if max_train_steps is not None else num_train_epochs * steps_per_epoch
     return StepPlan(steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+
+
+def build_optimizer(parameters: Iterable, device: torch.device, **options) -> torch.optim.AdamW:
+    """The AdamW every script trains with on `device` (`options`: its learning rate, weight decay ...). On a GPU it is
+    PyTorch's fused AdamW, one kernel for the whole update where the default (multi-tensor) version launches several
+    per group; elsewhere PyTorch's default. It may be built before `accelerator.prepare` moves the model: the fused
+    kernel only needs the parameters on the GPU when it steps."""
+    return torch.optim.AdamW(parameters, fused=device.type == "cuda", **options)
 
 
 def build_lr_scheduler(

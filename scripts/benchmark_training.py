@@ -43,7 +43,7 @@ from modeling_pvt.data import (
     collate_image_batch,
     load_image_classification_data,
 )
-from modeling_pvt.training import build_train_dataloader, compile_model
+from modeling_pvt.training import build_optimizer, build_train_dataloader, compile_model
 
 logger = logging.getLogger("benchmark_training")
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def time_model_step(args: argparse.Namespace, device: torch.device, batch_size: 
     config = PvtConfig.from_preset(args.model_size, image_size=args.image_size, num_labels=1000, drop_path_rate=0.1)
     model = PvtForImageClassification(config).to(device).train()
     compile_model(model, backend)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = build_optimizer(model.parameters(), device, lr=1e-4)
     processor = PvtImageProcessor()
     batch_transform = TrainBatchTransform(processor.image_mean, processor.image_std, 0.25, device)
     images = torch.randint(0, 256, (batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)

@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     global_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if args.learning_rate is None:
         args.learning_rate = 5e-4 * global_batch_size / 512
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
+    optimizer = training.build_optimizer(
+        parameter_groups(model, args.weight_decay), accelerator.device, lr=args.learning_rate
+    )
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )

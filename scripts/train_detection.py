@@ -68,6 +68,7 @@ from modeling_pvt.training import (
     add_hub_arguments,
     build_eval_dataloader,
     build_lr_scheduler,
+    build_optimizer,
     build_train_dataloader,
     compile_model,
     compiled_graph_count,
@@ -442,8 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     eval_dataloader = build_eval_dataloader(eval_dataset, args.per_device_eval_batch_size, collator, args.num_workers)
     global_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.learning_rate, args.backbone_learning_rate, args.weight_decay)
+    optimizer = build_optimizer(
+        parameter_groups(model, args.learning_rate, args.backbone_learning_rate, args.weight_decay), accelerator.device
     )
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader

@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not args.no_sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     training.compile_model(model, args.torch_compile)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = training.build_optimizer(
+        model.parameters(), accelerator.device, lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )

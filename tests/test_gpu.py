@@ -3,11 +3,19 @@
 Skipped where there is no GPU (CI); run on one with `python -m pytest tests/test_gpu.py`.
 """
 
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
+from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification, training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -114,3 +122,49 @@ def test_compiled_forward_agrees_with_eager_on_gpu(tiny_preset):
         eager_logits = model(pixel_values).logits
         compiled_logits = compiled(pixel_values).logits
     assert relative_error(compiled_logits, eager_logits) < 2e-2
+
+
+def test_train_script_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
+    """The host must run ahead of the GPU: a step of `scripts/train.py` (the next batch from pinned memory,
+    normalising, erasing, Mixup/CutMix, forward, backward, clipping, fused AdamW, the schedule) queues work and never
+    waits for the device. PyTorch's sync debug mode flags every wait, counted from the start of the second step to the
+    start of the last; the end of an epoch reads the loss once, which is allowed."""
+    generator = np.random.default_rng(0)
+    for index in range(64):
+        folder = tmp_path / "images" / f"class_{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = generator.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    spec = importlib.util.spec_from_file_location("train", script)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+    arguments = ["--train_dir", str(tmp_path / "images"), "--validation_dir", str(tmp_path / "images")]
+    arguments += ["--output_dir", str(tmp_path / "run"), "--image_size", "32", "--num_train_epochs", "1"]
+    arguments += ["--per_device_train_batch_size", "8", "--num_workers", "2", "--max_grad_norm", "1.0"]
+    arguments += ["--config_overrides", json.dumps({"hidden_sizes": [16, 32, 40, 64], "depths": [1, 1, 1, 1]})]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+
+    step_starts: list[int] = []  # how many warnings had been issued when each step began
+    run = training.TrainingLoop.run
+    with warnings.catch_warnings(record=True) as issued:
+
+        def run_marking_step_starts(loop, compute_loss, on_epoch_end=None):
+            def compute_loss_marking_the_start(batch):
+                step_starts.append(len(issued))
+                return compute_loss(batch)
+
+            return run(loop, compute_loss_marking_the_start, on_epoch_end)
+
+        monkeypatch.setattr(training.TrainingLoop, "run", run_marking_step_starts)
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train.main(arguments)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(step_starts) == 8  # 64 images in batches of 8, one epoch
+    in_steps = [str(warning.message) for warning in issued[step_starts[1] : step_starts[-1]]]
+    assert [message for message in in_steps if "synchronizing CUDA operation" in message] == []
+    assert json.loads((tmp_path / "run" / "all_results.json").read_text())["device"] == "cuda"

@@ -42,6 +42,7 @@ from modeling_pvt.training import (
     EpochSeededDataset,
     TrainingLoop,
     build_lr_scheduler,
+    build_optimizer,
     build_train_dataloader,
     list_checkpoints,
     plan_steps,
@@ -494,6 +495,16 @@ def test_training_loop_resumes_any_model_exactly_from_any_checkpoint(tmp_path):
     state_file.write_text(json.dumps({"completed_steps": 2, "epoch": 0, "batches_in_epoch": 0}))
     misplaced = _train_toy_model(tmp_path / "from_step_2", resume_from=str(state_file.parent))
     assert not all(torch.equal(reference[name], misplaced[name]) for name in reference)
+
+
+def test_optimizer_is_fused_adamw_on_a_gpu_and_the_default_elsewhere():
+    parameters = [torch.nn.Parameter(torch.zeros(3))]
+    on_gpu = build_optimizer(parameters, torch.device("cuda"), lr=2e-3, weight_decay=0.05)
+    on_cpu = build_optimizer(parameters, torch.device("cpu"), lr=2e-3, weight_decay=0.05)
+    assert isinstance(on_gpu, torch.optim.AdamW) and on_gpu.defaults["fused"] is True
+    assert isinstance(on_cpu, torch.optim.AdamW) and not on_cpu.defaults["fused"]
+    assert on_gpu.defaults["lr"] == on_cpu.defaults["lr"] == 2e-3
+    assert on_gpu.defaults["weight_decay"] == 0.05
 
 
 def test_paper_recipe_rand_augment_survives_its_strongest_posterize():
