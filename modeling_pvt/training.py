@@ -6,7 +6,7 @@ Task-agnostic: a script builds its model, data and loss, and this module does th
   on a host without GPUs starts N processes that accelerate joins into one gloo group only when told to use the CPU.
 - `EpochShuffleSampler`, `EpochSeededDataset`, `build_train_dataloader`: sample order and random augmentation as pure
   functions of (seed, epoch, index), so a resumed run sees exactly the batches the uninterrupted run saw.
-- `build_optimizer`: AdamW, fused on a GPU.
+- `build_optimizer`: AdamW, fused where PyTorch has the kernel (CPU, CUDA).
 - `build_lr_scheduler`: the scheduler convention: stepped once per optimizer step, not prepared by accelerate (which
   would step it once per process), saved with the checkpoints.
 - `TrainingLoop`: epochs of accumulated optimizer steps with gradient clipping, checkpoints every N steps or every
@@ -36,7 +36,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, find_batch_size, gather_object
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProfileKwargs, find_batch_size, gather_object
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -48,6 +48,7 @@ logger = get_logger(__name__)
 CHECKPOINTS_DIR_NAME = "checkpoints"
 TRAINING_STATE_NAME = "training_state.json"
 INTERRUPTED_MODEL_DIR_NAME = "interrupted_model"
+PROFILE_DIR_NAME = "profile"
 
 
 # -------------------------------------------------------------------------------------------------------- launch
@@ -243,12 +244,18 @@ def plan_steps(
     return StepPlan(steps_per_epoch, total, math.ceil(total / steps_per_epoch))
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+"""Devices where `build_optimizer` uses PyTorch's fused AdamW (PyTorch has the kernel for both)."""
+
+
 def build_optimizer(parameters: Iterable, device: torch.device, **options) -> torch.optim.AdamW:
-    """The AdamW every script trains with on `device` (`options`: its learning rate, weight decay ...). On a GPU it is
-    PyTorch's fused AdamW, one kernel for the whole update where the default (multi-tensor) version launches several
-    per group; elsewhere PyTorch's default. It may be built before `accelerator.prepare` moves the model: the fused
-    kernel only needs the parameters on the GPU when it steps."""
-    return torch.optim.AdamW(parameters, fused=device.type == "cuda", **options)
+    """The AdamW every script trains with on `device` (`options`: its learning rate, weight decay ...): PyTorch's fused
+    AdamW, one kernel for the whole update, where PyTorch has it (`FUSED_ADAMW_DEVICES`), and its default elsewhere.
+    The default runs a loop over the parameters on a CPU and a few multi-tensor kernels per update term on a GPU; an
+    AdamW step of PVT-small's parameters took 3x longer that way than fused on a 2-core AMD EPYC, with AVX-512 and
+    capped at AVX2 (`benchmarks/probes/adamw_step*.log`). It may be built before `accelerator.prepare` moves the
+    model: the fused kernel needs the parameters on the device only when it steps."""
+    return torch.optim.AdamW(parameters, fused=device.type in FUSED_ADAMW_DEVICES, **options)
 
 
 def build_lr_scheduler(
@@ -408,7 +415,8 @@ class TrainingOutcome:
     num_processes: int
     samples_per_second: float | None = None
     """Training samples per second over all processes after the first `LoopClock.warmup_steps` optimizer steps of
-    the run, evaluation left out (None when the run had no more steps than that)."""
+    the run (and after the profiled ones, with `profile_steps`), evaluation left out (None when the run had no more
+    steps than that)."""
     data_wait_fraction: float | None = None
     """Share of the training time spent waiting for the next batch: near 0 when the data pipeline keeps up."""
     max_epoch_start_wait: float | None = None
@@ -456,7 +464,8 @@ class LoopClock:
         while True:
             started = time.perf_counter()
             try:
-                item = next(iterator)
+                with torch.profiler.record_function("next batch"):
+                    item = next(iterator)
             except StopIteration:
                 return
             waited = time.perf_counter() - started
@@ -491,13 +500,76 @@ class LoopClock:
         return self.steady_samples * num_processes / self.steady_seconds
 
 
+STEP_PHASES = ("next batch", "forward and loss", "backward", "optimizer step")
+"""The parts of an optimizer step that `TrainingLoop` labels for the profiler (`torch.profiler.record_function`)."""
+
+
+def device_busy_seconds(events: Iterable) -> float:
+    """Seconds in which at least one GPU kernel or copy of `events` (profiler `FunctionEvent`s) ran: the union of
+    their time ranges, so kernels that overlap on several streams count once, and the profiler's own annotations
+    (ranges copied from the host's labels) not at all."""
+    ranges = sorted(
+        (event.time_range.start, event.time_range.end)
+        for event in events
+        if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
+    )
+    busy, covered_until = 0.0, float("-inf")
+    for start, end in ranges:
+        if end > covered_until:
+            busy += end - max(start, covered_until)
+            covered_until = end
+    return busy / 1e6  # the profiler counts microseconds
+
+
+def write_step_profile(profiler: torch.profiler.profile, folder: Path, process_index: int, steps: int) -> dict:
+    """Write what `profiler` recorded of `steps` optimizer steps to `folder`: the Chrome trace (`trace_rankN.json`,
+    for chrome://tracing or Perfetto), the operators by time (`operators_rankN.txt`) and where a step's time went
+    (`steps_rankN.json`, also returned): the wall time of a step, the host's time in each of `STEP_PHASES` and, on
+    a GPU, the time the GPU was busy. A step that takes much longer than the GPU was busy waits on the host."""
+    folder.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(folder / f"trace_rank{process_index}.json"))
+    averages = profiler.key_averages()
+    on_gpu = any(event.device_type == torch.autograd.DeviceType.CUDA for event in profiler.events())
+    table = averages.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=40)
+    (folder / f"operators_rank{process_index}.txt").write_text(table + "\n")
+    milliseconds = {event.key: event.cpu_time_total / 1e3 / steps for event in averages}
+    summary = {
+        "steps": steps,
+        "step_ms": sum(value for key, value in milliseconds.items() if key.startswith("ProfilerStep")),
+        "host_ms_per_step": {phase: milliseconds.get(phase, 0.0) for phase in STEP_PHASES},
+    }
+    if on_gpu:
+        summary["device_busy_ms_per_step"] = device_busy_seconds(profiler.events()) * 1e3 / steps
+        summary["device_busy_fraction"] = summary["device_busy_ms_per_step"] / summary["step_ms"]
+    (folder / f"steps_rank{process_index}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info(f"profile of {steps} steps in {folder}: {json.dumps(summary)}", main_process_only=False)
+    return summary
+
+
+def start_step_profiler(accelerator: Accelerator, steps: int, output_dir: Path) -> torch.profiler.profile:
+    """A started profiler (accelerate's `ProfileKwargs`) that records `steps` optimizer steps after the loop's warm-up
+    (`LoopClock.warmup_steps` and one more) and then writes them with `write_step_profile` to `PROFILE_DIR_NAME` in
+    `output_dir`. The loop calls its `step()` after every optimizer step and `stop()` at the end."""
+    handler = ProfileKwargs(
+        activities=["cpu", "cuda"] if accelerator.device.type == "cuda" else ["cpu"],
+        schedule_option={"wait": LoopClock.warmup_steps, "warmup": 1, "active": steps, "repeat": 1},
+        on_trace_ready=lambda profiler: write_step_profile(
+            profiler, output_dir / PROFILE_DIR_NAME, accelerator.process_index, steps
+        ),
+    )
+    profiler = handler.build()
+    profiler.start()
+    return profiler
+
+
 class TrainingLoop:
     """Epochs of optimizer steps over a prepared model, optimizer and loader (see the module docstring).
 
     `args` holds the script's options: `output_dir` and those of `add_checkpoint_arguments` (`checkpointing_steps`:
     every N optimizer steps, "epoch" or None; `checkpoints_total_limit`; `resume_from_checkpoint`: "latest", a folder
-    or None, restored before the first step). The model of the last epoch is not evaluated by `run`: the script saves
-    it first (`save_and_evaluate`), so a failing evaluation loses nothing.
+    or None, restored before the first step), and `profile_steps` of `add_speed_arguments` (absent: none profiled).
+    The model of the last epoch is not evaluated by `run`: the script saves it first (`save_and_evaluate`), so a
+    failing evaluation loses nothing.
     """
 
     def __init__(
@@ -524,6 +596,7 @@ class TrainingLoop:
         self.checkpoints_total_limit = args.checkpoints_total_limit
         self.resume_from = args.resume_from_checkpoint
         self.max_grad_norm = max_grad_norm
+        self.profile_steps = getattr(args, "profile_steps", None) or 0
         self.start = TrainingProgress()
 
     def _checkpoint(self, name: str, progress: TrainingProgress) -> None:
@@ -549,25 +622,39 @@ class TrainingLoop:
         if self.resume_from:
             self.start = load_checkpoint(accelerator, self.resume_from, self.output_dir)
         completed_steps = self.start.completed_steps
+        clock, profiler = LoopClock(), None
+        if self.profile_steps:
+            needed = LoopClock.warmup_steps + 1 + self.profile_steps
+            if self.plan.max_train_steps - completed_steps < needed:
+                raise ValueError(
+                    f"--profile_steps {self.profile_steps} needs {needed} optimizer steps in this run (the warm-up's "
+                    f"{LoopClock.warmup_steps} and one more come first); it has "
+                    f"{self.plan.max_train_steps - completed_steps}."
+                )
+            profiler = start_step_profiler(accelerator, self.profile_steps, self.output_dir)
+            clock.warmup_steps += 1 + self.profile_steps  # profiled steps run slower: not the steady rate
         bar = tqdm(
             total=self.plan.max_train_steps,
             initial=completed_steps,
             desc="Training",
             disable=not accelerator.is_local_main_process,
         )
-        train_loss, epoch, started, clock = float("nan"), self.start.epoch, time.perf_counter(), LoopClock()
+        train_loss, epoch, started = float("nan"), self.start.epoch, time.perf_counter()
         try:
             for epoch in range(self.start.epoch, self.plan.num_train_epochs):
                 model.train()
                 loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                 for batch_index, batch in self._epoch_batches(epoch, clock):
                     with accelerator.accumulate(model):
-                        loss = compute_loss(batch)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and self.max_grad_norm:
-                            accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad()
+                        with torch.profiler.record_function("forward and loss"):
+                            loss = compute_loss(batch)
+                        with torch.profiler.record_function("backward"):
+                            accelerator.backward(loss)
+                        with torch.profiler.record_function("optimizer step"):
+                            if accelerator.sync_gradients and self.max_grad_norm:
+                                accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad()
                     loss_sum += loss.detach()
                     loss_count += 1
                     if not accelerator.sync_gradients:
@@ -575,6 +662,8 @@ class TrainingLoop:
                     self.lr_scheduler.step()
                     completed_steps += 1
                     clock.step_done()
+                    if profiler is not None:
+                        profiler.step()
                     bar.update(1)
                     steps = self.checkpointing_steps
                     if isinstance(steps, int) and completed_steps % steps == 0:
@@ -594,6 +683,8 @@ class TrainingLoop:
                     on_epoch_end(epoch, train_loss, completed_steps)
         except BaseException:
             bar.close()
+            if profiler is not None:
+                profiler.stop()
             if completed_steps > 0 and not is_sharded(accelerator):
                 saved = save_interrupted_model(accelerator.unwrap_model(model), self.processor, self.output_dir)
                 logger.error(
@@ -603,6 +694,8 @@ class TrainingLoop:
                 )
             raise
         bar.close()
+        if profiler is not None:
+            profiler.stop()
         return TrainingOutcome(
             train_loss,
             epoch + 1,
@@ -723,15 +816,25 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--report_to", default="tensorboard", help="Tracker(s) for accelerate, or 'all'.")
 
 
-def add_compile_argument(parser: argparse.ArgumentParser) -> None:
-    """--torch_compile [BACKEND]: compile the model whole, once (see `setup_accelerator`)."""
-    parser.add_argument(
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """--torch_compile [BACKEND] (compile the model once, see `compile_model`) and --profile_steps N (see
+    `start_step_profiler`)."""
+    group = parser.add_argument_group("speed")
+    group.add_argument(
         "--torch_compile",
         nargs="?",
         const="inductor",
         choices=["inductor", "aot_eager", "eager"],
         help="Compile the model with torch.compile (default backend: inductor): one graph for training and one for "
         "evaluation, no recompilation afterwards (see modeling_pvt.training.compile_model).",
+    )
+    group.add_argument(
+        "--profile_steps",
+        type=int,
+        default=0,
+        help=f"Profile N optimizer steps after the first {LoopClock.warmup_steps + 1} (torch.profiler, host and GPU) "
+        f"and write a Chrome trace, the operators by time and where a step's time went to "
+        f"OUTPUT_DIR/{PROFILE_DIR_NAME}/.",
     )
 
 
@@ -749,17 +852,21 @@ __all__ = [
     "INTERRUPTED_MODEL_DIR_NAME",
     "TRAINING_STATE_NAME",
     "EpochSeededDataset",
+    "FUSED_ADAMW_DEVICES",
     "EpochShuffleSampler",
     "StepPlan",
     "TrainingLoop",
     "TrainingOutcome",
     "TrainingProgress",
     "LoopClock",
+    "PROFILE_DIR_NAME",
+    "STEP_PHASES",
     "add_checkpoint_arguments",
-    "add_compile_argument",
+    "add_speed_arguments",
     "add_hub_arguments",
     "build_eval_dataloader",
     "build_lr_scheduler",
+    "build_optimizer",
     "build_train_dataloader",
     "compile_model",
     "compiled_graph_count",

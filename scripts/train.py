@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, argparse.N
         "--max_grad_norm", type=float, help="Gradient clipping; default 1.0 for medium/large, none otherwise."
     )
     schedule.add_argument("--seed", type=int, default=42)
-    training.add_compile_argument(parser)
+    training.add_speed_arguments(parser)
     training.add_checkpoint_arguments(parser)
     training.add_hub_arguments(parser)
 

@@ -64,8 +64,8 @@ from modeling_pvt.results import dataset_fields
 from modeling_pvt.training import (
     TrainingLoop,
     add_checkpoint_arguments,
-    add_compile_argument,
     add_hub_arguments,
+    add_speed_arguments,
     build_eval_dataloader,
     build_lr_scheduler,
     build_optimizer,
@@ -213,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--horizontal_flip", type=float, help="Flip probability [recipe].")
     training.add_argument("--photometric", type=lambda value: value.lower() in ("1", "true", "yes"), help="[recipe]")
     training.add_argument("--seed", type=int, default=42)
-    add_compile_argument(parser)
+    add_speed_arguments(parser)
     add_checkpoint_arguments(parser)
     add_hub_arguments(parser)
 

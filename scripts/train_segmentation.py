@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     schedule.add_argument("--seed", type=int, default=42)
     training.add_checkpoint_arguments(parser)
     training.add_hub_arguments(parser)
-    training.add_compile_argument(parser)
+    training.add_speed_arguments(parser)
     args = parser.parse_args(argv)
 
     if (args.dataset_name is None) == (args.train_dir is None):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_pvt.training import STEP_PHASES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,4 +37,7 @@ def test_training_benchmark_smoke_run_reports_every_row():
     assert end_to_end["completed_steps"] == 24  # 3 epochs of 32 images in batches of 4
     assert 0.0 <= end_to_end["train_data_wait_fraction"] < 1.0
     assert end_to_end["torch_compile_graphs"] is None
+    profile = end_to_end["profile"]
+    assert profile["steps"] == 5 and set(profile["host_ms_per_step"]) == set(STEP_PHASES)
+    assert 0 < sum(profile["host_ms_per_step"].values()) < profile["step_ms"]
     assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

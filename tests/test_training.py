@@ -16,6 +16,7 @@ import sys
 import time
 from argparse import Namespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -39,11 +40,14 @@ from modeling_pvt.data import (
 from modeling_pvt.metrics import load_metric, metric_path
 from modeling_pvt.model_card import render_paper_size_card
 from modeling_pvt.training import (
+    PROFILE_DIR_NAME,
+    STEP_PHASES,
     EpochSeededDataset,
     TrainingLoop,
     build_lr_scheduler,
     build_optimizer,
     build_train_dataloader,
+    device_busy_seconds,
     list_checkpoints,
     plan_steps,
     resolve_checkpoint,
@@ -497,14 +501,72 @@ def test_training_loop_resumes_any_model_exactly_from_any_checkpoint(tmp_path):
     assert not all(torch.equal(reference[name], misplaced[name]) for name in reference)
 
 
-def test_optimizer_is_fused_adamw_on_a_gpu_and_the_default_elsewhere():
+def test_optimizer_is_fused_adamw_on_cpu_and_gpu_and_the_default_elsewhere():
     parameters = [torch.nn.Parameter(torch.zeros(3))]
-    on_gpu = build_optimizer(parameters, torch.device("cuda"), lr=2e-3, weight_decay=0.05)
-    on_cpu = build_optimizer(parameters, torch.device("cpu"), lr=2e-3, weight_decay=0.05)
-    assert isinstance(on_gpu, torch.optim.AdamW) and on_gpu.defaults["fused"] is True
-    assert isinstance(on_cpu, torch.optim.AdamW) and not on_cpu.defaults["fused"]
-    assert on_gpu.defaults["lr"] == on_cpu.defaults["lr"] == 2e-3
-    assert on_gpu.defaults["weight_decay"] == 0.05
+    for device, fused in (("cuda", True), ("cpu", True), ("meta", False)):
+        optimizer = build_optimizer(parameters, torch.device(device), lr=2e-3, weight_decay=0.05)
+        assert isinstance(optimizer, torch.optim.AdamW)
+        assert bool(optimizer.defaults["fused"]) is fused, device
+        assert optimizer.defaults["lr"] == 2e-3 and optimizer.defaults["weight_decay"] == 0.05
+
+
+def _run_toy_loop(output_dir: Path, profile_steps: int) -> None:
+    """A linear regression through `TrainingLoop`: one epoch of 12 optimizer steps."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = build_optimizer(model.parameters(), accelerator.device, lr=1e-2)
+    loader = build_train_dataloader(_NoisyPoints(), 2, seed=5, collate_fn=torch.utils.data.default_collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    plan = plan_steps(len(loader), 1, num_train_epochs=1, max_train_steps=None)
+    scheduler = build_lr_scheduler(accelerator, optimizer, "constant", 0, plan.max_train_steps)
+    options = Namespace(
+        output_dir=output_dir,
+        checkpointing_steps=None,
+        checkpoints_total_limit=None,
+        resume_from_checkpoint=None,
+        profile_steps=profile_steps,
+    )
+    loop = TrainingLoop(accelerator, model, optimizer, scheduler, loader, plan, PvtImageProcessor(), options)
+    loop.run(lambda batch: torch.nn.functional.mse_loss(model(batch["inputs"]), batch["targets"]))
+
+
+def test_profile_steps_write_a_trace_and_where_a_step_went(tmp_path):
+    _run_toy_loop(tmp_path, profile_steps=3)
+    folder = tmp_path / PROFILE_DIR_NAME
+    summary = json.loads((folder / "steps_rank0.json").read_text())
+    assert summary["steps"] == 3
+    phases = summary["host_ms_per_step"]
+    assert list(phases) == list(STEP_PHASES) and all(value > 0 for value in phases.values())
+    assert sum(phases.values()) < summary["step_ms"]  # the phases lie inside a step
+    assert "device_busy_ms_per_step" not in summary  # no GPU
+    trace = json.loads((folder / "trace_rank0.json").read_text())
+    labelled = {event["name"] for event in trace["traceEvents"]} & set(STEP_PHASES)
+    assert labelled == set(STEP_PHASES)
+    assert "aten::mse_loss" in (folder / "operators_rank0.txt").read_text()
+
+
+def test_profile_steps_beyond_the_run_are_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"--profile_steps 7 needs 13 optimizer steps .* it has 12"):
+        _run_toy_loop(tmp_path, profile_steps=7)
+    assert not (tmp_path / PROFILE_DIR_NAME).exists()
+
+
+def test_device_busy_time_counts_overlapping_kernels_once_and_annotations_never():
+    def event(start: float, end: float, on_gpu: bool = True, annotation: bool = False) -> SimpleNamespace:
+        device = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+        return SimpleNamespace(
+            device_type=device, is_user_annotation=annotation, time_range=SimpleNamespace(start=start, end=end)
+        )
+
+    events = [
+        event(0, 10),
+        event(5, 12),  # overlaps the first: 12 us so far
+        event(20, 30),
+        event(22, 25),  # inside the third
+        event(40, 90, on_gpu=False),  # host time
+        event(0, 100, annotation=True),  # a label's range on the GPU's timeline
+    ]
+    assert device_busy_seconds(events) == pytest.approx(22e-6)
 
 
 def test_paper_recipe_rand_augment_survives_its_strongest_posterize():
