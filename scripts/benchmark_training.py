@@ -13,7 +13,9 @@ costs what it costs on ImageNet), it measures, side by side in one run:
   number of graphs torch.compile captured, and its profile of a few steps (`--profile_steps`: a step's wall time,
   the host's time in each part of it and, on a GPU, the time the GPU was busy).
 
-The end-to-end figure can reach neither of the other two: whichever of them is lower is what limits it.
+The end-to-end figure can reach neither of the other two: whichever of them is lower is what limits it. On a CPU
+every row computes with the same number of threads (`accelerate launch` alone would give train.py's one process a
+single thread), and the loader's workers share the cores with them in the end-to-end run.
 
     python scripts/benchmark_training.py                  # on a CPU: a small run (PVT-tiny, 64 px)
     python scripts/benchmark_training.py --device cuda    # on a GPU: PVT-small, 224 px, bf16, batch 128
@@ -210,6 +212,8 @@ def time_train_script(args: argparse.Namespace, train_dir: Path, validation_dir:
     with tempfile.TemporaryDirectory() as output_dir:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
         command += ["--mixed_precision", "bf16" if args.device == "cuda" else "no", "--dynamo_backend", "no"]
+        if args.device == "cpu":  # accelerate launch would give the one process a single thread
+            command += ["--num_cpu_threads_per_process", str(torch.get_num_threads())]
         command += [str(REPO / "scripts" / "train.py"), "--output_dir", output_dir, "--image_check", "none"]
         command += ["--train_dir", str(train_dir), "--validation_dir", str(validation_dir)]
         command += ["--model_size", args.model_size, "--image_size", str(args.image_size), "--num_train_epochs", "3"]
@@ -287,7 +291,10 @@ def main() -> None:
     backends = [None, "inductor"] if args.compile else [None]
     report = {
         "machine": machine(device),
-        "setup": {name: getattr(args, name) for name in ("model_size", "image_size", "batch_size", "num_workers")},
+        "setup": {
+            **{name: getattr(args, name) for name in ("model_size", "image_size", "batch_size", "num_workers")},
+            "torch_threads": torch.get_num_threads(),
+        },
         "rows": {},
     }
     with tempfile.TemporaryDirectory() as scratch:
