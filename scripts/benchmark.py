@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from tqdm.auto import tqdm
 from transformers.models.pvt import PvtConfig as StockPvtConfig
 from transformers.models.pvt import PvtForImageClassification as StockPvtForImageClassification
@@ -53,7 +52,7 @@ from transformers.models.pvt import PvtForImageClassification as StockPvtForImag
 from modeling_pvt import PvtConfig, PvtForImageClassification, cpu_acceleration
 from modeling_pvt.cpu_acceleration import onednn_linear_available
 from modeling_pvt.model_facts import count_multiply_adds
-from modeling_pvt.runtime import allocator_settings, configure_allocator
+from modeling_pvt.runtime import allocator_settings, configure_allocator, describe_machine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -685,7 +684,7 @@ def run_detector_benchmark(args: argparse.Namespace, device: str, dtype: torch.d
     output = args.output or REPO_ROOT / "benchmarks" / f"detection_{device}{'_smoke' if args.smoke else ''}.json"
     started = time.perf_counter()
     results = {
-        "machine": machine_description(device),
+        "machine": describe_machine(device, ("modeling_pvt", "scripts/benchmark.py")),
         "load_average": {"start": [round(value, 2) for value in os.getloadavg()]},
         "dtype": str(dtype),
         "detector": run_detector_row(plan, device, dtype, args.threads),
@@ -701,47 +700,6 @@ def run_detector_benchmark(args: argparse.Namespace, device: str, dtype: torch.d
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
-# Environment variables that cap the instruction set PyTorch, MKL and oneDNN use (how an AVX2-only CPU is emulated).
-ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-
-
-def machine_description(device: str) -> dict:
-    cpu_model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    description = {
-        "cpu": cpu_model,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "onednn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "isa_limits": {name: os.environ[name] for name in ISA_VARIABLES if name in os.environ},
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-    }
-    if device == "cuda":
-        description["gpu"] = torch.cuda.get_device_name()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT).stdout
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "modeling_pvt", "scripts/benchmark.py"],
-            capture_output=True,
-            text=True,
-            cwd=REPO_ROOT,
-        ).stdout
-        description["git_commit"] = commit.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
-    except OSError:
-        pass
-    return description
-
-
 def speed_rows(results: dict) -> list[dict]:
     return [*results["eval"], results["detection"], results["training"]]
 
@@ -969,7 +927,7 @@ def main(argv: list[str] | None = None) -> dict:
         return run_detector_benchmark(args, device, dtype, plan)
 
     results: dict = {
-        "machine": machine_description(device),
+        "machine": describe_machine(device, ("modeling_pvt", "scripts/benchmark.py")),
         "load_average": {"start": [round(value, 2) for value in os.getloadavg()]},
         "allocator": allocator_settings(),
         "plan": plan.__dict__,

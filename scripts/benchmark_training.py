@@ -29,7 +29,6 @@ import functools
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from modeling_pvt.data import (
     collate_image_batch,
     load_image_classification_data,
 )
+from modeling_pvt.runtime import describe_machine
 from modeling_pvt.training import PROFILE_DIR_NAME, build_optimizer, build_train_dataloader, compile_model
 
 logger = logging.getLogger("benchmark_training")
@@ -240,28 +240,6 @@ def time_train_script(args: argparse.Namespace, train_dir: Path, validation_dir:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-def machine(device: torch.device) -> dict:
-    description = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg()[0],
-    }
-    try:
-        description["cpu"] = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    if device.type == "cuda":
-        description["gpu"] = torch.cuda.get_device_name(device)
-    return description
-
-
 def draw_chart(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -290,7 +268,10 @@ def main() -> None:
     device = torch.device(args.device)
     backends = [None, "inductor"] if args.compile else [None]
     report = {
-        "machine": machine(device),
+        "machine": {
+            **describe_machine(args.device, ("modeling_pvt", "scripts/benchmark_training.py", "scripts/train.py")),
+            "load_average_at_start": os.getloadavg()[0],
+        },
         "setup": {
             **{name: getattr(args, name) for name in ("model_size", "image_size", "batch_size", "num_workers")},
             "torch_threads": torch.get_num_threads(),
