@@ -804,6 +804,12 @@ def _checkpointing_steps(value: str) -> int | str:
     return int(value)
 
 
+def _step_count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps (0 or more), got {value!r}")
+    return int(value)
+
+
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpointing_steps, --checkpoints_total_limit, --resume_from_checkpoint, --with_tracking, --report_to."""
     group = parser.add_argument_group("checkpoints and tracking")
@@ -832,7 +838,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--profile_steps",
-        type=int,
+        type=_step_count,
         default=0,
         help=f"Profile N optimizer steps after the first {LoopClock.warmup_steps + 1} (torch.profiler, host and GPU) "
         f"and write a Chrome trace, the operators by time and where a step's time went to "
@@ -872,6 +878,7 @@ __all__ = [
     "build_train_dataloader",
     "compile_model",
     "compiled_graph_count",
+    "device_busy_seconds",
     "cpu_only_host",
     "is_compiled",
     "is_complete_checkpoint",
@@ -888,7 +895,9 @@ __all__ = [
     "seeded_random_state",
     "setup_accelerator",
     "setup_training",
+    "start_step_profiler",
     "start_tracking",
     "trainer_launch_arguments",
     "weights_digest",
+    "write_step_profile",
 ]

@@ -4,6 +4,7 @@ The script tests run the real command lines in subprocesses (`accelerate launch 
 two gloo processes on a CPU host) on scikit-learn's digits with a toy-width PVT, so each run takes seconds.
 """
 
+import argparse
 import importlib.util
 import io
 import json
@@ -44,6 +45,7 @@ from modeling_pvt.training import (
     STEP_PHASES,
     EpochSeededDataset,
     TrainingLoop,
+    add_speed_arguments,
     build_lr_scheduler,
     build_optimizer,
     build_train_dataloader,
@@ -545,10 +547,17 @@ def test_profile_steps_write_a_trace_and_where_a_step_went(tmp_path):
     assert "aten::mse_loss" in (folder / "operators_rank0.txt").read_text()
 
 
-def test_profile_steps_beyond_the_run_are_refused_before_training(tmp_path):
+def test_profile_steps_beyond_the_run_or_below_zero_are_refused_before_training(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--profile_steps 7 needs 13 optimizer steps .* it has 12"):
         _run_toy_loop(tmp_path, profile_steps=7)
     assert not (tmp_path / PROFILE_DIR_NAME).exists()
+    parser = argparse.ArgumentParser()
+    add_speed_arguments(parser)
+    assert parser.parse_args(["--profile_steps", "4"]).profile_steps == 4
+    assert parser.parse_args([]).profile_steps == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--profile_steps", "-2"])
+    assert "must be a whole number of steps" in capsys.readouterr().err
 
 
 def test_device_busy_time_counts_overlapping_kernels_once_and_annotations_never():
