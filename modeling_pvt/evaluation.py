@@ -73,6 +73,11 @@ def label_mapping(model_id2label: dict[int, str], dataset_labels: Sequence[str])
     )
 
 
+SCORES_HELD_ON_DEVICE = 2**26
+"""Logits `evaluate_classifier` keeps on the device before handing them to the metric (256 MiB of float32): enough for
+ImageNet's 50,000 x 1,000 in one transfer, few enough for any number of classes."""
+
+
 def evaluate_classifier(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -81,23 +86,39 @@ def evaluate_classifier(
 ) -> dict[str, float]:
     """`eval_accuracy`, `eval_top5_accuracy`, `eval_loss` and `eval_samples` over the whole split.
 
-    `label_ids` maps dataset class ids to the model's (from `label_mapping`); None uses them as they are.
+    `label_ids` maps dataset class ids to the model's (from `label_mapping`); None uses them as they are. The logits
+    and the loss stay on the device until `SCORES_HELD_ON_DEVICE` of them have gathered (or the split ends), so the
+    host queues the next batches instead of waiting for each one's scores.
     """
     metric = load_metric("accuracy", keep_in_memory=True)
     to_model_ids = torch.tensor(label_ids, device=accelerator.device) if label_ids is not None else None
-    loss_sum, count = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count, held_logits, held_labels = 0, [], []
+
+    def hand_to_metric() -> None:
+        if held_logits:
+            metric.add_batch(
+                predictions=torch.cat(held_logits).cpu().numpy(), references=torch.cat(held_labels).cpu().numpy()
+            )
+            held_logits.clear()
+            held_labels.clear()
+
     for batch, logits in _batches_with_logits(accelerator, model, dataloader):
         labels = batch["labels"] if to_model_ids is None else to_model_ids[batch["labels"]]
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         count += len(labels)
-        metric.add_batch(predictions=logits.cpu().numpy(), references=labels.cpu().numpy())
+        held_logits.append(logits)
+        held_labels.append(labels)
+        if sum(held.numel() for held in held_logits) >= SCORES_HELD_ON_DEVICE:
+            hand_to_metric()
+    hand_to_metric()
     scores = metric.compute()
     return {
         "eval_accuracy": scores["accuracy"],
         "eval_top5_accuracy": scores["top5_accuracy"],
-        "eval_loss": loss_sum / count,
+        "eval_loss": loss_sum.item() / count,
         "eval_samples": count,
     }
 
@@ -149,4 +170,4 @@ def _per_class(value, labels: Sequence[str]):
     return {label: float(item) for label, item in zip(labels, value, strict=True)}
 
 
-__all__ = ["evaluate_classifier", "evaluate_segmentation", "label_mapping"]
+__all__ = ["SCORES_HELD_ON_DEVICE", "evaluate_classifier", "evaluate_segmentation", "label_mapping"]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification, training
+from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification, evaluation, training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -124,11 +124,12 @@ def test_compiled_forward_agrees_with_eager_on_gpu(tiny_preset):
     assert relative_error(compiled_logits, eager_logits) < 2e-2
 
 
-def test_train_script_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
-    """The host must run ahead of the GPU: a step of `scripts/train.py` (the next batch from pinned memory,
-    normalising, erasing, Mixup/CutMix, forward, backward, clipping, fused AdamW, the schedule) queues work and never
-    waits for the device. PyTorch's sync debug mode flags every wait, counted from the start of the second step to the
-    start of the last; the end of an epoch reads the loss once, which is allowed."""
+def test_train_script_steps_and_evaluation_never_wait_for_the_gpu(tmp_path, monkeypatch):
+    """The host must run ahead of the GPU. A step of `scripts/train.py` (the next batch from pinned memory,
+    normalising, erasing, Mixup/CutMix, forward, backward, clipping, fused AdamW, the schedule) and an evaluation batch
+    (forward, loss, gathering the logits) queue work and never wait for the device. PyTorch's sync debug mode flags
+    every wait; they are counted from the start of the second step (batch) to the start of the last. The end of an
+    epoch reads the loss once, and the evaluation reads its scores at its end, which is allowed."""
     generator = np.random.default_rng(0)
     for index in range(64):
         folder = tmp_path / "images" / f"class_{index % 2}"
@@ -142,12 +143,15 @@ def test_train_script_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
     spec.loader.exec_module(train)
     arguments = ["--train_dir", str(tmp_path / "images"), "--validation_dir", str(tmp_path / "images")]
     arguments += ["--output_dir", str(tmp_path / "run"), "--image_size", "32", "--num_train_epochs", "1"]
-    arguments += ["--per_device_train_batch_size", "8", "--num_workers", "2", "--max_grad_norm", "1.0"]
+    arguments += ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_workers", "2"]
+    arguments += ["--max_grad_norm", "1.0"]
     arguments += ["--config_overrides", json.dumps({"hidden_sizes": [16, 32, 40, 64], "depths": [1, 1, 1, 1]})]
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
 
-    step_starts: list[int] = []  # how many warnings had been issued when each step began
-    run = training.TrainingLoop.run
+    # How many warnings had been issued when each training step and each evaluation batch began.
+    step_starts: list[int] = []
+    evaluation_starts: list[int] = []
+    run, batches_with_logits = training.TrainingLoop.run, evaluation._batches_with_logits
     with warnings.catch_warnings(record=True) as issued:
 
         def run_marking_step_starts(loop, compute_loss, on_epoch_end=None):
@@ -157,14 +161,25 @@ def test_train_script_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
 
             return run(loop, compute_loss_marking_the_start, on_epoch_end)
 
+        def batches_marking_their_starts(*args):
+            for batch_and_logits in batches_with_logits(*args):
+                evaluation_starts.append(len(issued))
+                yield batch_and_logits
+
         monkeypatch.setattr(training.TrainingLoop, "run", run_marking_step_starts)
+        monkeypatch.setattr(evaluation, "_batches_with_logits", batches_marking_their_starts)
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             train.main(arguments)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert len(step_starts) == 8  # 64 images in batches of 8, one epoch
-    in_steps = [str(warning.message) for warning in issued[step_starts[1] : step_starts[-1]]]
-    assert [message for message in in_steps if "synchronizing CUDA operation" in message] == []
+
+    def syncs_between(start: int, end: int) -> list[str]:
+        messages = [str(warning.message) for warning in issued[start:end]]
+        return [message for message in messages if "synchronizing CUDA operation" in message]
+
+    assert len(step_starts) == 8 and len(evaluation_starts) == 8  # 64 images in batches of 8, one epoch
+    assert syncs_between(step_starts[1], step_starts[-1]) == []
+    assert syncs_between(evaluation_starts[1], evaluation_starts[-1]) == []
     assert json.loads((tmp_path / "run" / "all_results.json").read_text())["device"] == "cuda"

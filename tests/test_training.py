@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from script_launch import REPO, SCRIPT_TIMEOUT_S, SCRIPTS, environment, launch_command, run
 
-from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
+from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor, evaluation
 from modeling_pvt.data import (
     DataError,
     ImageClassificationDataset,
@@ -38,6 +38,7 @@ from modeling_pvt.data import (
     build_processor_transform,
     load_image_classification_data,
 )
+from modeling_pvt.evaluation import evaluate_classifier
 from modeling_pvt.metrics import load_metric, metric_path
 from modeling_pvt.model_card import render_paper_size_card
 from modeling_pvt.training import (
@@ -576,6 +577,28 @@ def test_device_busy_time_counts_overlapping_kernels_once_and_annotations_never(
         event(0, 100, annotation=True),  # a label's range on the GPU's timeline
     ]
     assert device_busy_seconds(events) == pytest.approx(22e-6)
+
+
+def test_classifier_evaluation_scores_the_same_whether_handed_to_the_metric_at_once_or_in_parts(monkeypatch):
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = PvtForImageClassification(PvtConfig(**TOY_CONFIG, image_size=32, num_labels=7)).eval()
+    images, labels = torch.randn(23, 3, 32, 32), torch.randint(0, 7, (23,))
+    with torch.no_grad():
+        logits = model(images).logits
+    examples = [{"pixel_values": image, "labels": label} for image, label in zip(images, labels)]
+    loader = torch.utils.data.DataLoader(examples, batch_size=5, collate_fn=torch.utils.data.default_collate)
+    model, loader = accelerator.prepare(model, loader)
+    at_once = evaluate_classifier(accelerator, model, loader)
+    monkeypatch.setattr(evaluation, "SCORES_HELD_ON_DEVICE", 70)  # two batches of 5 x 7 logits at a time
+    in_parts = evaluate_classifier(accelerator, model, loader)
+    assert at_once["eval_samples"] == in_parts["eval_samples"] == 23
+    top1 = (logits.argmax(1) == labels).double().mean().item()
+    top5 = (logits.topk(5).indices == labels[:, None]).any(1).double().mean().item()
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    for scores in (at_once, in_parts):
+        assert scores["eval_accuracy"] == pytest.approx(top1) and scores["eval_top5_accuracy"] == pytest.approx(top5)
+        assert scores["eval_loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_paper_recipe_rand_augment_survives_its_strongest_posterize():
