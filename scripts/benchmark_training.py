@@ -278,25 +278,26 @@ def main() -> None:
         },
         "rows": {},
     }
+    if not args.smoke:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        train_dir, validation_dir = prepare_folders(args, Path(scratch))
-        rows = report["rows"]
-        rows["data loader alone"] = time_loader(args, train_dir, validation_dir, device)
-        logger.info(f"loader: {rows['data loader alone']}")
-        for backend in backends:
+        folders = prepare_folders(args, Path(scratch))
+        measurements = {"data loader alone": functools.partial(time_loader, args, *folders, device)}
+        for backend in backends:  # eager first: a run stopped by a time limit still has the eager rows
             mode = "compiled" if backend else "eager"
             for batch_size in (args.batch_size, 2 * args.batch_size):
                 name = f"model step alone, {mode}, batch {batch_size}"
-                rows[name] = time_model_step(args, device, batch_size, backend)
-                logger.info(f"{name}: {rows[name]}")
+                measurements[name] = functools.partial(time_model_step, args, device, batch_size, backend)
             name = f"train.py end to end, {mode}"
-            rows[name] = time_train_script(args, train_dir, validation_dir, backend)
-            logger.info(f"{name}: {rows[name]}")
+            measurements[name] = functools.partial(time_train_script, args, *folders, backend)
+        for name, measure in measurements.items():
+            report["rows"][name] = measure()
+            logger.info(f"{name}: {report['rows'][name]}")
+            if not args.smoke:  # after every row, so that an interrupted run keeps what it measured
+                args.output.write_text(json.dumps(report, indent=2) + "\n")
     if args.smoke:
         print(json.dumps(report, indent=2))
         return
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
     draw_chart(report, args.output.with_suffix(".png"))
     logger.info(f"Wrote {args.output} and {args.output.with_suffix('.png')}")
 
