@@ -1,7 +1,8 @@
 """Running the scripts as users do, in subprocesses: `accelerate launch --multi_gpu --num_processes N` makes N gloo
 processes on a CPU host; the test Hub server (`hub_server.py`, the `hub` fixture of conftest.py) can stand in for
-huggingface.co."""
+huggingface.co. `load_script` imports a script instead, to call its functions in the test's process."""
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -15,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 SCRIPT_TIMEOUT_S = 300
 HUB_TOKEN = "hf_test_training_token"
+
+
+def load_script(name: str):
+    """`scripts/<name>.py` as a module (named `pvt_script_<name>`), executed afresh."""
+    spec = importlib.util.spec_from_file_location(f"pvt_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

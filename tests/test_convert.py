@@ -5,7 +5,6 @@ github.com/whai362/PVT) with random weights, saved with `torch.save` and convert
 """
 
 import argparse
-import importlib.util
 import math
 import os
 import pathlib
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from script_launch import load_script
 from transformers import AutoModelForImageClassification
 from transformers.models.pvt import PvtConfig as StockPvtConfig
 from transformers.models.pvt import PvtForImageClassification as StockPvtForImageClassification
@@ -27,8 +27,6 @@ from modeling_pvt.convert import (
     expected_original_shapes,
     load_original_checkpoint,
 )
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_original_checkpoint.py"
 
 # The architecture hyper-parameters of the original code's `pvt_tiny` ... `pvt_large`, written out independently of
 # the package's presets: patch size 4 then 2, widths 64/128/320/512, heads 1/2/5/8, MLP ratios 8/8/4/4, reduction
@@ -270,10 +268,7 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def run_script(*args: str) -> int:
-    spec = importlib.util.spec_from_file_location("convert_original_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(arg) for arg in args])
+    return load_script("convert_original_checkpoint").main([str(arg) for arg in args])
 
 
 # --------------------------------------------------------------------------------------------------------------------

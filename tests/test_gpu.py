@@ -3,16 +3,14 @@
 Skipped where there is no GPU (CI); run on one with `python -m pytest tests/test_gpu.py`.
 """
 
-import importlib.util
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_launch import load_script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification, evaluation, training
@@ -136,11 +134,7 @@ def test_train_script_steps_and_evaluation_never_wait_for_the_gpu(tmp_path, monk
         folder.mkdir(parents=True, exist_ok=True)
         pixels = generator.integers(0, 256, (48, 40, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
-    spec = importlib.util.spec_from_file_location("train", script)
-    train = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = train
-    spec.loader.exec_module(train)
+    train = load_script("train")
     arguments = ["--train_dir", str(tmp_path / "images"), "--validation_dir", str(tmp_path / "images")]
     arguments += ["--output_dir", str(tmp_path / "run"), "--image_size", "32", "--num_train_epochs", "1"]
     arguments += ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_workers", "2"]

@@ -9,7 +9,6 @@ test files import it in this process first; the clients must also never import t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -27,6 +26,7 @@ import yaml
 from hub_server import HubServer
 from PIL import Image
 from safetensors.torch import load, load_file
+from script_launch import load_script
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
 from modeling_pvt.model_card import render_paper_size_card
@@ -144,14 +144,6 @@ def make_checkpoint(folder: Path, seed: int, results: dict | None = None) -> Pat
     if results is not None:
         (folder / "all_results.json").write_text(json.dumps(results))
     return folder
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 def card_metadata(readme: str) -> dict:

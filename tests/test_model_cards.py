@@ -1,15 +1,14 @@
 """Model cards: generated from one template and computed facts, never stale, measured results only when given."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
+from script_launch import load_script
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
 from modeling_pvt.model_card import render_paper_size_card
@@ -19,15 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = ["tiny", "small", "medium", "large"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_model_cards", REPO_ROOT / "scripts" / "make_model_cards.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_model_cards", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_model_cards = _load_script()
+make_model_cards = load_script("make_model_cards")
 
 MEASURED = {
     "eval_accuracy": 0.7432,

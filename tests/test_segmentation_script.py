@@ -1,7 +1,6 @@
 """Semantic segmentation: the data pipeline (`modeling_pvt.segmentation_data`), `scripts/train_segmentation.py`
 (model set-up, a 2-process run with checkpoints, card and Hub push, exact resume) and the shipped mean_iou metric."""
 
-import importlib.util
 import json
 import math
 import shutil
@@ -15,7 +14,7 @@ from conftest import TINY_CONFIG
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from script_launch import SCRIPTS, environment, launch_command, run
+from script_launch import SCRIPTS, environment, launch_command, load_script, run
 
 import modeling_pvt  # noqa: F401  (registers the pvt backbone for UperNet's from_pretrained)
 from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
@@ -34,17 +33,12 @@ from modeling_pvt.segmentation_data import (
 )
 from modeling_pvt.training import resolve_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "scripts" / "train_segmentation.py"
 IGNORE = 255
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_segmentation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_segmentation")
 
 
 @pytest.fixture(scope="module")

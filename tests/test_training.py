@@ -5,7 +5,6 @@ two gloo processes on a CPU host) on scikit-learn's digits with a toy-width PVT,
 """
 
 import argparse
-import importlib.util
 import io
 import json
 import logging
@@ -28,7 +27,7 @@ from accelerate.utils import set_seed
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from script_launch import REPO, SCRIPT_TIMEOUT_S, SCRIPTS, environment, launch_command, run
+from script_launch import REPO, SCRIPT_TIMEOUT_S, SCRIPTS, environment, launch_command, load_script, run
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor, evaluation
 from modeling_pvt.data import (
@@ -85,14 +84,6 @@ TRAIN_ARGS = [
     "--seed", "7",
     "--checkpointing_steps", "3",
 ]  # fmt: skip
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"pvt_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 def _results(output_dir: Path) -> dict:
@@ -213,7 +204,7 @@ def test_resume_rejects_incomplete_checkpoint(tmp_path):
 
 
 def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
-    train = _load_script("train")
+    train = load_script("train")
     model = PvtForImageClassification(PvtConfig(image_size=32, num_labels=3, **TOY_CONFIG))
     decay, no_decay = train.parameter_groups(model, 0.05)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
@@ -309,7 +300,7 @@ def test_finetune_from_saved_folder_with_new_labels(tmp_path):
 
 def test_finetune_help_lists_its_own_options(capsys):
     with pytest.raises(SystemExit):
-        _load_script("finetune").parse_arguments(["--help"])
+        load_script("finetune").parse_arguments(["--help"])
     printed = capsys.readouterr().out
     for option in ("--dataset_name", "--horizontal_flip", "--model_name_or_path", "--learning_rate"):
         assert option in printed, option
