@@ -18,13 +18,12 @@ it was faster in every round and clearly faster in the median one (`choose_route
 
 Only inference is accelerated: a layer in eval mode with autograd off (`torch.no_grad()`, `torch.inference_mode()`).
 Training runs the reference code: a route for the backward pass did not pay on both CPU families (see the README's
-Performance section). Every route computes the same function as the
-reference code, to float32 rounding. The predicate also steps aside, so the reference code runs, for anything the
-routes were not measured for or would change: other dtypes or devices, autocast, torch.compile / export / jit / fx
-tracing, Python dispatch and function modes (FLOP counters, fake tensors), torch.func transforms, hooks on the layer's
-submodules, projections that are not plain `nn.Linear` (quantized, LoRA-wrapped), attention maps requested and
-attention implementations other than eager/SDPA. `model.set_cpu_acceleration(False)` gives the reference code
-everywhere.
+Performance section). Every route computes the same function as the reference code, to float32 rounding. The predicate
+also steps aside, so the reference code runs, for anything the routes were not measured for or would change: other
+dtypes or devices, autocast, torch.compile / export / jit / fx tracing, Python dispatch and function modes (FLOP
+counters, fake tensors), torch.func transforms, hooks on the layer's submodules, projections that are not plain
+`nn.Linear` (quantized, LoRA-wrapped), attention maps requested and attention implementations other than eager/SDPA.
+`model.set_cpu_acceleration(False)` gives the reference code everywhere.
 """
 
 import math
