@@ -499,9 +499,8 @@ def reset_peak_resident_memory() -> bool:
 
 def child_memory(spec: dict) -> dict:
     """Resident memory of this fresh process around two forward passes: the first (which includes the acceleration's
-    one-time measurement) and the next. The allocator is left at its default here:
-    with the documented settings freed blocks stay in the process, so the resident set would count memory that is
-    free, not what is in use.
+    one-time measurement) and the next. The allocator is left at its default here: with the documented settings
+    freed blocks stay in the process, so the resident set would count memory that is free, not what is in use.
 
     Where Linux lets us restart the high-water mark (VmHWM) after the model is built, the peak above that resting
     state is measured directly. Elsewhere the process reports its lifetime peak (`ru_maxrss`) and the parent
