@@ -37,18 +37,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from modeling_pvt.scripts.machine import describe_machine
 from PIL import Image
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
-from modeling_pvt.data import (
+from modeling_pvt.data.classification import (
     ImageClassificationDataset,
     TrainBatchTransform,
     build_train_transform,
     collate_image_batch,
     load_image_classification_data,
 )
-from modeling_pvt.runtime import describe_machine
-from modeling_pvt.training import PROFILE_DIR_NAME, build_optimizer, build_train_dataloader, compile_model
+from modeling_pvt.data.sampling import build_train_dataloader
+from modeling_pvt.training.launch import compile_model
+from modeling_pvt.training.optimization import build_optimizer
+from modeling_pvt.training.profiling import PROFILE_DIR_NAME
 
 logger = logging.getLogger("benchmark_training")
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image_size", type=int)
     parser.add_argument("--batch_size", type=int, help="Training batch size (the model step also runs at 2x).")
     parser.add_argument("--num_images", type=int, help="Training JPEGs to generate (validation: 1/8 as many).")
-    parser.add_argument("--num_workers", type=int, help="Data-loader workers.")
+    parser.add_argument("--dataloader_num_workers", type=int, help="Data-loader workers.")
     parser.add_argument("--steps", type=int, default=30, help="Timed steps for the loader and the model step.")
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="Also time torch.compile "
                         "(auto: on GPUs only; inductor's CPU compile takes minutes on 2 cores).")  # fmt: skip
@@ -217,10 +220,11 @@ def time_train_script(args: argparse.Namespace, train_dir: Path, validation_dir:
         command += [str(REPO / "scripts" / "train.py"), "--output_dir", output_dir, "--image_check", "none"]
         command += ["--train_dir", str(train_dir), "--validation_dir", str(validation_dir)]
         command += ["--model_size", args.model_size, "--image_size", str(args.image_size), "--num_train_epochs", "3"]
-        command += ["--per_device_train_batch_size", str(args.batch_size), "--num_workers", str(args.num_workers)]
+        command += ["--per_device_train_batch_size", str(args.batch_size)]
+        command += ["--dataloader_num_workers", str(args.num_workers)]
         command += ["--per_device_eval_batch_size", str(args.batch_size), "--profile_steps", str(PROFILE_STEPS)]
         if backend:
-            command += ["--torch_compile", backend]
+            command += ["--torch_compile", "--torch_compile_backend", backend]
         environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         started = time.perf_counter()
         completed = subprocess.run(command, env=environment, capture_output=True, text=True)

@@ -38,19 +38,20 @@ from transformers.image_utils import PILImageResampling
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor
-from modeling_pvt.data import (
+from modeling_pvt.data.classification import (
     DataArguments,
     ImageClassificationData,
     ImageClassificationDataset,
     build_processor_transform,
     collate_image_batch,
-    exit_on_data_error,
 )
+from modeling_pvt.data.sources import exit_on_data_error
+from modeling_pvt.hub.model_card import render_trained_card
+from modeling_pvt.hub.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, write_results
 from modeling_pvt.metrics import load_metric
-from modeling_pvt.model_card import render_trained_card
-from modeling_pvt.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, write_results
 from modeling_pvt.runtime import configure_allocator
-from modeling_pvt.training import INTERRUPTED_MODEL_DIR_NAME, trainer_launch_arguments
+from modeling_pvt.training.checkpoints import INTERRUPTED_MODEL_DIR_NAME
+from modeling_pvt.training.launch import trainer_launch_arguments
 
 logger = logging.getLogger(__name__)
 

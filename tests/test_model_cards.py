@@ -11,8 +11,8 @@ from huggingface_hub import ModelCard
 from script_launch import load_script
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
-from modeling_pvt.model_card import render_paper_size_card
-from modeling_pvt.model_facts import PAPER_REPORTED, count_multiply_adds, count_parameters, format_giga
+from modeling_pvt.hub.model_card import render_paper_size_card
+from modeling_pvt.hub.model_facts import PAPER_REPORTED, count_multiply_adds, count_parameters, format_giga
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = ["tiny", "small", "medium", "large"]

@@ -21,11 +21,8 @@ Bad data policy:
   names the column (and lists the available ones), the folder, or the dataset.
 """
 
-import io
 import logging
-import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -35,8 +32,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .results import dataset_fields
-from .training import EpochSeededDataset
+from ..hub.results import dataset_fields
+from .sampling import EpochSeededDataset
+from .sources import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    decode_image,
+    describe_image,
+    drop_unreadable_images,
+    find_image_files,
+    load_named_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +53,6 @@ DEFAULT_SPLIT_SEED = 42
 """Seed of every train/validation split made here; fixed so training and evaluation hold out the same images."""
 
 DIGITS_VALIDATION_FRACTION = 0.2
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
-)
-MAX_NAMED_BAD_FILES = 10
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as asked (missing column, empty folder, unknown dataset, ...)."""
-
-
-class UnreadableImageError(RuntimeError):
-    """An image could not be decoded while building a batch."""
 
 
 @dataclass
@@ -150,15 +143,6 @@ class DataArguments:
         return load_image_classification_data(**options)
 
 
-@contextmanager
-def exit_on_data_error():
-    """For command-line scripts: a `DataError` in the block ends the process with its message, not a traceback."""
-    try:
-        yield
-    except DataError as error:
-        raise SystemExit(f"Data error: {error}") from error
-
-
 def load_digits_dataset() -> datasets.Dataset:
     """scikit-learn's digits as a `datasets.Dataset`: 8-bit greyscale PNG images in `image`, class in `label`."""
     from sklearn.datasets import load_digits
@@ -175,47 +159,15 @@ def load_digits_dataset() -> datasets.Dataset:
     )
 
 
-def _find_image_files(folder: Path, limit: int = 1) -> list[Path]:
-    found = []
-    for root, _, files in os.walk(folder):
-        for file_name in files:
-            if Path(file_name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(root) / file_name)
-                if len(found) >= limit:
-                    return found
-    return found
-
-
 def _check_image_folder(folder: str, argument: str) -> None:
     path = Path(folder)
     if not path.is_dir():
         raise DataError(f"{argument} {folder!r} is not a folder.")
-    if not _find_image_files(path):
+    if not find_image_files(path):
         raise DataError(
             f"{argument} {folder!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
             f"expected one sub-folder per class, e.g. {path / 'class_name' / 'image.jpg'}."
         )
-
-
-def _load_named_dataset(
-    dataset_name: str, dataset_config_name: str | None, cache_dir: str | None
-) -> datasets.DatasetDict:
-    try:
-        if Path(dataset_name).is_dir() and (Path(dataset_name) / "dataset_dict.json").is_file():
-            loaded = datasets.load_from_disk(dataset_name)
-        else:
-            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as error:
-        raise DataError(
-            f"Cannot load dataset {dataset_name!r}"
-            + (f" (config {dataset_config_name!r})" if dataset_config_name else "")
-            + f": it is neither a local dataset nor one the Hugging Face Hub could provide ({error}). Check the "
-            "name and your connection (HF_HUB_OFFLINE=1 allows only cached datasets), or pass image folders with "
-            "--train_dir/--validation_dir."
-        ) from error
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
-    return loaded
 
 
 def _resolve_column(
@@ -236,65 +188,6 @@ def _resolve_column(
         if candidate in columns:
             return candidate
     raise DataError(f"Cannot tell which column holds the {role}s; available columns: {columns}. Pass {option}.")
-
-
-def _image_problem(value: dict | None, full_decode: bool) -> str:
-    """Why the undecoded image `value` cannot be read, or an empty string when it can."""
-    if value is None or (value.get("bytes") is None and not value.get("path")):
-        return "no image data"
-    try:
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-        with Image.open(source) as image:
-            if full_decode:
-                image.load()
-            else:
-                image.verify()
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files.
-        return f"{type(error).__name__}: {error}"
-    return ""
-
-
-def _describe_image(value: dict | None, index: int, split: str) -> str:
-    path = (value or {}).get("path")
-    return f"{path!r}" if path else f"row {index} of the {split} split"
-
-
-def drop_unreadable_images(
-    dataset: datasets.Dataset,
-    image_column: str,
-    split: str,
-    full_decode: bool = False,
-    num_proc: int | None = None,
-) -> tuple[datasets.Dataset, int]:
-    """Skip rows whose image cannot be opened; warn once with the count and the first file names."""
-    checked = dataset.select_columns([image_column]).map(
-        lambda batch: {"problem": [_image_problem(value, full_decode) for value in batch[image_column]]},
-        batched=True,
-        remove_columns=[image_column],
-        num_proc=num_proc,
-        desc=f"Checking {split} images",
-    )
-    problems = checked["problem"]
-    bad_rows = [index for index, problem in enumerate(problems) if problem]
-    if not bad_rows:
-        return dataset, 0
-    if len(bad_rows) == len(dataset):
-        raise DataError(f"None of the {len(dataset)} images of the {split} split can be read: {problems[0]}")
-    named = [
-        f"{_describe_image(dataset[index][image_column], index, split)} ({problems[index]})"
-        for index in bad_rows[:MAX_NAMED_BAD_FILES]
-    ]
-    more = f" and {len(bad_rows) - len(named)} more" if len(bad_rows) > len(named) else ""
-    logger.warning(
-        "Skipping %d unreadable image(s) of %d in the %s split: %s%s",
-        len(bad_rows),
-        len(dataset),
-        split,
-        "; ".join(named),
-        more,
-    )
-    bad = set(bad_rows)
-    return dataset.select([index for index in range(len(dataset)) if index not in bad]), len(bad_rows)
 
 
 def load_image_classification_data(
@@ -330,7 +223,7 @@ def load_image_classification_data(
         splits = datasets.DatasetDict({"train": load_digits_dataset()})
         train_val_split = DIGITS_VALIDATION_FRACTION
     elif dataset_name is not None:
-        splits = _load_named_dataset(dataset_name, dataset_config_name, cache_dir)
+        splits = load_named_dataset(dataset_name, dataset_config_name, cache_dir)
     else:
         if train_dir is None:
             raise DataError("--validation_dir needs --train_dir as well.")
@@ -426,19 +319,6 @@ def load_image_classification_data(
     )
 
 
-def decode_image(value: dict | None, description: str) -> Image.Image:
-    """Decode an undecoded `datasets` image (`{"bytes", "path"}`) to RGB, or raise `UnreadableImageError`."""
-    try:
-        if value is None:
-            raise ValueError("no image data")
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-        with Image.open(source) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception as error:  # PIL raises many types for bad files; re-raise one that names the file.
-        raise UnreadableImageError(f"Cannot decode image {description}: {type(error).__name__}: {error}") from error
-
-
 @dataclass
 class ImageClassificationDataset(EpochSeededDataset):
     """A map-style torch dataset: decodes, converts to RGB and transforms images into `pixel_values`, `labels`.
@@ -459,7 +339,7 @@ class ImageClassificationDataset(EpochSeededDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         row = self.dataset[int(index)]
-        image = decode_image(row[self.image_column], _describe_image(row[self.image_column], index, self.split))
+        image = decode_image(row[self.image_column], describe_image(row[self.image_column], index, self.split))
         with self.augmentation(index):
             pixel_values = self.transform(image)
         return {"pixel_values": pixel_values, "labels": row[self.label_column]}

@@ -7,8 +7,8 @@ import torch
 from accelerate import Accelerator
 from transformers.image_transforms import center_to_corners_format
 
-from ..evaluation import evaluation_batches
-from ..results import Metric, Task
+from ..hub.results import Metric, Task
+from .evaluation import evaluation_batches
 
 
 def box_xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_pvt import PVT_PRESETS, PvtConfig
+from ..configuration_pvt import PVT_PRESETS, PvtConfig
 from .model_facts import (
     PAPER_REPORTED,
     attention_multiply_adds,
