@@ -221,9 +221,8 @@ def write_model_card(
     trainer.create_model_card()
 
 
-def main(argv: list[str] | None = None) -> None:
-    configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
-    model_args, data_args, augmentation_args, training_args = parse_arguments(argv)
+def setup_logging(training_args: TrainingArguments) -> None:
+    """transformers' example-script logging: to stdout, at the level of this process."""
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
@@ -235,6 +234,39 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+
+
+def train_and_evaluate(trainer: Trainer, training_args: TrainingArguments, checkpoint: str | None, eval_samples: int):
+    """Train (saving the weights so far if training fails, and the model before evaluating it), then evaluate;
+    the metrics of both."""
+    results: dict = {}
+    output_dir = Path(training_args.output_dir)
+    if training_args.do_train:
+        try:
+            train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        except BaseException:
+            if trainer.state.global_step > 0:
+                saved = output_dir / INTERRUPTED_MODEL_DIR_NAME
+                trainer.save_model(str(saved))
+                logger.error(f"Training failed at step {trainer.state.global_step}; weights so far are in {saved}.")
+            raise
+        # Save before evaluating: a failing evaluation must not lose the trained model.
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results.update(train_result.metrics)
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = eval_samples
+        trainer.log_metrics("eval", metrics)
+        results.update(metrics)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
+    model_args, data_args, augmentation_args, training_args = parse_arguments(argv)
+    setup_logging(training_args)
     # Trainer passes a dict of tensors straight to the model; our dataset already yields exactly its inputs.
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
@@ -288,26 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         data_collator=collate_image_batch,
     )
 
-    results: dict = {}
-    if training_args.do_train:
-        try:
-            train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        except BaseException:
-            if trainer.state.global_step > 0:
-                saved = output_dir / INTERRUPTED_MODEL_DIR_NAME
-                trainer.save_model(str(saved))
-                logger.error(f"Training failed at step {trainer.state.global_step}; weights so far are in {saved}.")
-            raise
-        # Save before evaluating: a failing evaluation must not lose the trained model.
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_state()
-        results.update(train_result.metrics)
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        results.update(metrics)
+    results = train_and_evaluate(trainer, training_args, checkpoint, len(eval_dataset))
     results.update(data.results_fields())
     if trainer.is_world_process_zero():
         write_results(output_dir / RESULTS_FILE_NAME, results)

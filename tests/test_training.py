@@ -230,7 +230,7 @@ def test_evaluation_script_reproduces_the_training_result(uninterrupted_run, tmp
     assert results["model"] == str(uninterrupted_run)
     for key in ("eval_accuracy", "eval_top5_accuracy", "eval_loss"):
         assert results[key] == pytest.approx(trained[key]), key
-    # A card built from this script's real output keeps every row (the second schema used to lose "Images evaluated").
+    # A card built from this script's real output keeps every row, "Images evaluated" included.
     card = render_paper_size_card("tiny", results=results)
     assert "| Images evaluated | 21 |" in card and "`scripts/eval_classification.py`" in card
 

@@ -190,6 +190,86 @@ def _resolve_column(
     raise DataError(f"Cannot tell which column holds the {role}s; available columns: {columns}. Pass {option}.")
 
 
+def _source_splits(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_dir: str | None,
+    validation_dir: str | None,
+    cache_dir: str | None,
+) -> tuple[datasets.DatasetDict, str, str | None]:
+    """The splits of the source the options name, with the name and configuration results files give it."""
+    if dataset_name is not None and (train_dir is not None or validation_dir is not None):
+        raise DataError("Pass either a dataset name or image folders (train_dir/validation_dir), not both.")
+    if dataset_name is None and train_dir is None and validation_dir is None:
+        return datasets.DatasetDict({"train": load_digits_dataset()}), DIGITS_DATASET_NAME, None
+    if dataset_name is not None:
+        return load_named_dataset(dataset_name, dataset_config_name, cache_dir), dataset_name, dataset_config_name
+    if train_dir is None:
+        raise DataError("--validation_dir needs --train_dir as well.")
+    data_files = {}
+    for split, folder, argument in (
+        ("train", train_dir, "train_dir"),
+        ("validation", validation_dir, "validation_dir"),
+    ):
+        if folder is not None:
+            _check_image_folder(folder, argument)
+            data_files[split] = str(Path(folder) / "**")
+    splits = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+    return splits, f"imagefolder:{train_dir}", None
+
+
+def _held_out_split(
+    splits: datasets.DatasetDict,
+    validation_split_name: str | None,
+    columns: tuple[tuple[str, str, str], ...],
+    train_val_split: float,
+    split_seed: int,
+) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+    """(train, validation, the validation split's name): the named or usual held-out split, else a stratified
+    `train_val_split` fraction of train. `columns` are (column, role, option) that the validation split needs."""
+    train = splits["train"]
+    held_out = validation_split_name
+    if held_out is None:
+        held_out = next((split for split in ("validation", "test") if split in splits), None)
+    if held_out is not None and held_out != "train":
+        validation = splits[held_out]
+        for column, role, option in columns:
+            if column not in validation.column_names:
+                raise DataError(
+                    f"The {held_out!r} split has no {role} column {column!r}; available columns: "
+                    f"{validation.column_names}. Pass the right one with {option}."
+                )
+        return train, validation, held_out
+    if not 0.0 < train_val_split < 1.0:
+        raise DataError(f"train_val_split must lie in (0, 1), got {train_val_split}.")
+    label_column = columns[1][0]
+    if not isinstance(train.features[label_column], datasets.ClassLabel):
+        train = train.class_encode_column(label_column)
+    parts = train.train_test_split(
+        test_size=train_val_split, seed=split_seed, stratify_by_column=label_column, shuffle=True
+    )
+    return parts["train"], parts["test"], f"train[{train_val_split:.0%} held out, seed {split_seed}]"
+
+
+def _encode_labels(
+    train: datasets.Dataset, validation: datasets.Dataset, label_column: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Labels stored as strings or plain integers become one `ClassLabel` over both splits, so ids agree."""
+    if isinstance(train.features[label_column], datasets.ClassLabel):
+        return train, validation
+    values = set(train[label_column]) | set(validation[label_column])
+    # Integer labels keep their numeric order (so id 2 stays "2", not after "10"); strings sort alphabetically.
+    ordered = sorted(values) if all(isinstance(value, int) for value in values) else sorted(map(str, values))
+    class_label = datasets.ClassLabel(names=[str(value) for value in ordered])
+
+    def encode(batch: dict) -> dict:
+        return {label_column: [class_label.str2int(str(value)) for value in batch[label_column]]}
+
+    return tuple(
+        split.map(encode, batched=True).cast_column(label_column, class_label) for split in (train, validation)
+    )
+
+
 def load_image_classification_data(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -215,80 +295,28 @@ def load_image_classification_data(
     """
     if check_images not in ("verify", "decode", "none"):
         raise ValueError(f"check_images must be 'verify', 'decode' or 'none', got {check_images!r}.")
-    if dataset_name is not None and (train_dir is not None or validation_dir is not None):
-        raise DataError("Pass either a dataset name or image folders (train_dir/validation_dir), not both.")
-
-    if dataset_name is None and train_dir is None and validation_dir is None:
-        dataset_name, dataset_config_name = DIGITS_DATASET_NAME, None
-        splits = datasets.DatasetDict({"train": load_digits_dataset()})
+    splits, dataset_name, dataset_config_name = _source_splits(
+        dataset_name, dataset_config_name, train_dir, validation_dir, cache_dir
+    )
+    if dataset_name == DIGITS_DATASET_NAME:
         train_val_split = DIGITS_VALIDATION_FRACTION
-    elif dataset_name is not None:
-        splits = load_named_dataset(dataset_name, dataset_config_name, cache_dir)
-    else:
-        if train_dir is None:
-            raise DataError("--validation_dir needs --train_dir as well.")
-        data_files = {}
-        for split, folder, argument in (
-            ("train", train_dir, "train_dir"),
-            ("validation", validation_dir, "validation_dir"),
-        ):
-            if folder is not None:
-                _check_image_folder(folder, argument)
-                data_files[split] = str(Path(folder) / "**")
-        dataset_name, dataset_config_name = f"imagefolder:{train_dir}", None
-        splits = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
-
     if validation_split_name is not None and validation_split_name not in splits and validation_split_name != "train":
         raise DataError(f"The dataset has no split {validation_split_name!r}; available splits: {list(splits)}.")
     if "train" not in splits:
         raise DataError(f"The dataset has no 'train' split; available splits: {list(splits)}.")
-    train = splits["train"]
-    image_column = _resolve_column(train, image_column_name, datasets.Image, "image", "--image_column_name")
-    label_column = _resolve_column(train, label_column_name, datasets.ClassLabel, "label", "--label_column_name")
-
-    held_out = validation_split_name
-    if held_out is None:
-        held_out = next((split for split in ("validation", "test") if split in splits), None)
-    if held_out is not None and held_out != "train":
-        validation = splits[held_out]
-        for column, role, option in (
-            (image_column, "image", "--image_column_name"),
-            (label_column, "label", "--label_column_name"),
-        ):
-            if column not in validation.column_names:
-                raise DataError(
-                    f"The {held_out!r} split has no {role} column {column!r}; available columns: "
-                    f"{validation.column_names}. Pass the right one with {option}."
-                )
-    else:
-        if not 0.0 < train_val_split < 1.0:
-            raise DataError(f"train_val_split must lie in (0, 1), got {train_val_split}.")
-        if not isinstance(train.features[label_column], datasets.ClassLabel):
-            train = train.class_encode_column(label_column)
-        parts = train.train_test_split(
-            test_size=train_val_split, seed=split_seed, stratify_by_column=label_column, shuffle=True
-        )
-        train, validation = parts["train"], parts["test"]
-        held_out = f"train[{train_val_split:.0%} held out, seed {split_seed}]"
-
-    if not isinstance(train.features[label_column], datasets.ClassLabel):
-        # Labels stored as strings or plain integers: encode them once, over both splits, so ids agree.
-        values = set(train[label_column]) | set(validation[label_column])
-        # Integer labels keep their numeric order (so id 2 stays "2", not after "10"); strings sort alphabetically.
-        ordered = sorted(values) if all(isinstance(value, int) for value in values) else sorted(map(str, values))
-        names = [str(value) for value in ordered]
-        class_label = datasets.ClassLabel(names=names)
-
-        def encode(batch: dict) -> dict:
-            return {label_column: [class_label.str2int(str(value)) for value in batch[label_column]]}
-
-        train = train.map(encode, batched=True).cast_column(label_column, class_label)
-        validation = validation.map(encode, batched=True).cast_column(label_column, class_label)
+    image_column = _resolve_column(splits["train"], image_column_name, datasets.Image, "image", "--image_column_name")
+    label_column = _resolve_column(
+        splits["train"], label_column_name, datasets.ClassLabel, "label", "--label_column_name"
+    )
+    columns = ((image_column, "image", "--image_column_name"), (label_column, "label", "--label_column_name"))
+    train, validation, held_out = _held_out_split(splits, validation_split_name, columns, train_val_split, split_seed)
+    train, validation = _encode_labels(train, validation, label_column)
     labels = list(train.features[label_column].names)
 
-    train = train.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
-    validation = validation.select_columns([image_column, label_column]).cast_column(
-        image_column, datasets.Image(decode=False)
+    undecoded = datasets.Image(decode=False)
+    train, validation = (
+        split.select_columns([image_column, label_column]).cast_column(image_column, undecoded)
+        for split in (train, validation)
     )
     for split, dataset in (("train", train), ("validation", validation)):
         if len(dataset) == 0:

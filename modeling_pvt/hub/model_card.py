@@ -187,6 +187,7 @@ def render_trained_card(
         results=measured,
         run_summary=run_summary,
         auto_class=task.auto_class,
+        pipeline_tag=task.pipeline_tag,
         repo_id=repo_id,
         settings=dict(settings or {}),
         command=command,

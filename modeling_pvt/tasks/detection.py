@@ -35,12 +35,13 @@ from ..data.digit_canvases import (
     load_digit_scans,
 )
 from ..hub.model_card import render_trained_card
+from ..hub.results import OBJECT_DETECTION
 from ..modeling_pvt import PvtBackbone
 from ..training.options import TrainingArguments, apply_recipe
 from ..training.run import TaskDatasets, TrainingTask, default_repo_id, run_training
 from .classification import ClassificationArguments, ClassificationTask
 from .classification import complete_recipe as complete_classification_recipe
-from .detection_evaluation import OBJECT_DETECTION, evaluate_detector
+from .detection_evaluation import evaluate_detector
 from .detectors import (
     build_detector,
     build_detector_config,

@@ -98,29 +98,58 @@ class TrainingLoop:
         batches = self.accelerator.skip_first_batches(self.train_dataloader, skip) if skip else self.train_dataloader
         yield from enumerate(clock.batches(batches, first_epoch=epoch == self.start.epoch), start=skip)
 
+    def _start_profiler(self, clock: LoopClock, completed_steps: int) -> torch.profiler.profile | None:
+        if not self.profile_steps:
+            return None
+        needed = LoopClock.warmup_steps + 1 + self.profile_steps
+        remaining = self.plan.max_train_steps - completed_steps
+        if remaining < needed:
+            raise ValueError(
+                f"--profile_steps {self.profile_steps} needs {needed} optimizer steps in this run (the warm-up's "
+                f"{LoopClock.warmup_steps} and one more come first); it has {remaining}."
+            )
+        clock.warmup_steps += 1 + self.profile_steps  # profiled steps run slower: not the steady rate
+        return start_step_profiler(self.accelerator, self.profile_steps, self.output_dir)
+
+    def _train_on(self, batch: dict, compute_loss: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+        """Forward, backward and (when the accumulation is complete) clipping and the optimizer step; the loss."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            with torch.profiler.record_function("forward and loss"):
+                loss = compute_loss(batch)
+            with torch.profiler.record_function("backward"):
+                accelerator.backward(loss)
+            with torch.profiler.record_function("optimizer step"):
+                if accelerator.sync_gradients and self.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+        return loss.detach()
+
+    def _keep_what_was_trained(self, epoch: int, completed_steps: int) -> None:
+        if completed_steps > 0 and not is_sharded(self.accelerator):
+            model = self.accelerator.unwrap_model(self.model)
+            saved = save_interrupted_model(model, self.processor, self.output_dir)
+            logger.error(
+                f"Training failed at epoch {epoch}, step {completed_steps}; the weights trained so far "
+                f"are in {saved} (the newest checkpoint, if any, resumes exactly).",
+                main_process_only=False,
+            )
+
     def run(
         self,
         compute_loss: Callable[[dict], torch.Tensor],
-        on_epoch_end: Callable[[int, float, int], None] | None = None,
+        on_epoch_end: Callable[[int, float, int], object] | None = None,
     ) -> TrainingOutcome:
         """Train to `plan.max_train_steps`. `compute_loss(batch)` returns the loss of one batch;
         `on_epoch_end(epoch, train_loss, completed_steps)` runs after every epoch but the last (evaluation, logging).
         """
-        accelerator, model = self.accelerator, self.model
+        accelerator = self.accelerator
         if self.resume_from:
             self.start = load_checkpoint(accelerator, self.resume_from, self.output_dir)
         completed_steps = self.start.completed_steps
-        clock, profiler = LoopClock(), None
-        if self.profile_steps:
-            needed = LoopClock.warmup_steps + 1 + self.profile_steps
-            if self.plan.max_train_steps - completed_steps < needed:
-                raise ValueError(
-                    f"--profile_steps {self.profile_steps} needs {needed} optimizer steps in this run (the warm-up's "
-                    f"{LoopClock.warmup_steps} and one more come first); it has "
-                    f"{self.plan.max_train_steps - completed_steps}."
-                )
-            profiler = start_step_profiler(accelerator, self.profile_steps, self.output_dir)
-            clock.warmup_steps += 1 + self.profile_steps  # profiled steps run slower: not the steady rate
+        clock = LoopClock()
+        profiler = self._start_profiler(clock, completed_steps)
         bar = tqdm(
             total=self.plan.max_train_steps,
             initial=completed_steps,
@@ -130,20 +159,10 @@ class TrainingLoop:
         train_loss, epoch, started = float("nan"), self.start.epoch, time.perf_counter()
         try:
             for epoch in range(self.start.epoch, self.plan.num_train_epochs):
-                model.train()
+                self.model.train()
                 loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                 for batch_index, batch in self._epoch_batches(epoch, clock):
-                    with accelerator.accumulate(model):
-                        with torch.profiler.record_function("forward and loss"):
-                            loss = compute_loss(batch)
-                        with torch.profiler.record_function("backward"):
-                            accelerator.backward(loss)
-                        with torch.profiler.record_function("optimizer step"):
-                            if accelerator.sync_gradients and self.max_grad_norm:
-                                accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer.zero_grad()
-                    loss_sum += loss.detach()
+                    loss_sum += self._train_on(batch, compute_loss)
                     loss_count += 1
                     if not accelerator.sync_gradients:
                         continue
@@ -173,13 +192,7 @@ class TrainingLoop:
             bar.close()
             if profiler is not None:
                 profiler.stop()
-            if completed_steps > 0 and not is_sharded(accelerator):
-                saved = save_interrupted_model(accelerator.unwrap_model(model), self.processor, self.output_dir)
-                logger.error(
-                    f"Training failed at epoch {epoch}, step {completed_steps}; the weights trained so far "
-                    f"are in {saved} (the newest checkpoint, if any, resumes exactly).",
-                    main_process_only=False,
-                )
+            self._keep_what_was_trained(epoch, completed_steps)
             raise
         bar.close()
         if profiler is not None:

@@ -38,10 +38,9 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 def build_optimizer(parameters: Iterable, device: torch.device, **options) -> torch.optim.AdamW:
     """The AdamW every script trains with on `device` (`options`: its learning rate, weight decay ...): PyTorch's fused
     AdamW, one kernel for the whole update, where PyTorch has it (`FUSED_ADAMW_DEVICES`), and its default elsewhere.
-    The default runs a loop over the parameters on a CPU and a few multi-tensor kernels per update term on a GPU; an
-    AdamW step of PVT-small's parameters took 3x longer that way than fused on a 2-core AMD EPYC, with AVX-512 and
-    capped at AVX2 (`benchmarks/probes/adamw_step*.log`). It may be built before `accelerator.prepare` moves the
-    model: the fused kernel needs the parameters on the device only when it steps."""
+    The default runs a loop over the parameters on a CPU and a few multi-tensor kernels per update term on a GPU
+    (`benchmarks/probes/adamw_step.py` compares them). It may be built before `accelerator.prepare` moves the model:
+    the fused kernel needs the parameters on the device only when it steps."""
     return torch.optim.AdamW(parameters, fused=device.type in FUSED_ADAMW_DEVICES, **options)
 
 

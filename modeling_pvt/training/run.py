@@ -117,13 +117,74 @@ class TrainingTask:
         optimizer is built."""
 
 
+class EvaluationRecorder:
+    """Evaluates the prepared model, logs the scores, and keeps every evaluation's scalars in `history`."""
+
+    def __init__(self, task: TrainingTask, accelerator: Accelerator, model, dataloader, data, lr_scheduler):
+        self.task, self.accelerator, self.model, self.dataloader, self.data = (
+            task,
+            accelerator,
+            model,
+            dataloader,
+            data,
+        )
+        self.lr_scheduler = lr_scheduler
+        self.started = time.perf_counter()
+        self.history: list[dict] = []
+
+    def __call__(self, epoch: int, train_loss: float, completed_steps: int) -> dict:
+        scores = self.task.evaluate(self.accelerator, self.model, self.dataloader, self.data)
+        scalars = {name: value for name, value in scores.items() if isinstance(value, (int, float))}
+        elapsed = round(time.perf_counter() - self.started, 1)
+        progress = {"epoch": epoch, "completed_steps": completed_steps, "elapsed_s": elapsed, "train_loss": train_loss}
+        self.history.append(progress | scalars)
+        logger.info(
+            f"epoch {epoch}: train loss {train_loss:.4f}, {self.task.describe_scores(scores)} ({elapsed:.0f} s)"
+        )
+        if self.task.args.with_tracking:
+            learning_rate = self.lr_scheduler.get_last_lr()[-1]
+            self.accelerator.log(
+                {"train_loss": train_loss, "learning_rate": learning_rate, **scalars, "epoch": epoch},
+                step=completed_steps,
+            )
+        return scores
+
+
+def build_dataloaders(task: TrainingTask, datasets: TaskDatasets) -> tuple:
+    """The training and evaluation loaders of `datasets` (see `modeling_pvt.data.sampling`)."""
+    args = task.args
+    workers = args.dataloader_num_workers
+    train = build_train_dataloader(
+        datasets.train, args.per_device_train_batch_size, args.seed, datasets.train_collate, workers
+    )
+    validation = build_eval_dataloader(
+        datasets.validation, args.per_device_eval_batch_size, datasets.eval_collate, workers
+    )
+    return train, validation
+
+
+def build_schedule(task: TrainingTask, accelerator: Accelerator, optimizer, train_dataloader) -> tuple:
+    """The step plan of the prepared loader (written back into the options) and the scheduler."""
+    args = task.args
+    plan = plan_steps(
+        len(train_dataloader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps
+    )
+    args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_train_epochs
+    warmup = task.num_warmup_steps(plan.steps_per_epoch)
+    kwargs = args.scheduler_kwargs()
+    lr_scheduler = build_lr_scheduler(
+        accelerator, optimizer, args.lr_scheduler_type, warmup, plan.max_train_steps, **kwargs
+    )
+    return plan, lr_scheduler
+
+
 def run_training(task: TrainingTask, *, end_process_group: bool = True) -> dict:
     """Train `task` as the module docstring says; the results written to `all_results.json`. With
     `end_process_group=False` the process group outlives the run, for a script that trains something else next."""
     start_time = time.perf_counter()
     args = task.args
     accelerator = setup_training(args, **task.accelerator_kwargs())
-    set_seed(args.seed)
+    set_seed(args.seed)  # the same initial weights on every rank
     with accelerator.main_process_first(), exit_on_data_error():
         data = task.load_data()
     model, processor = task.build_model(data, accelerator)
@@ -131,55 +192,17 @@ def run_training(task: TrainingTask, *, end_process_group: bool = True) -> dict:
     set_seed(args.seed, device_specific=True)
 
     datasets = task.build_datasets(data, processor)
-    train_dataloader = build_train_dataloader(
-        datasets.train,
-        args.per_device_train_batch_size,
-        args.seed,
-        datasets.train_collate,
-        args.dataloader_num_workers,
-    )
-    eval_dataloader = build_eval_dataloader(
-        datasets.validation, args.per_device_eval_batch_size, datasets.eval_collate, args.dataloader_num_workers
-    )
+    train_dataloader, eval_dataloader = build_dataloaders(task, datasets)
     global_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     task.prepare(accelerator, global_batch_size)
-    optimizer = build_optimizer(
-        task.parameter_groups(model), accelerator.device, lr=args.learning_rate, weight_decay=args.weight_decay
-    )
+    groups = task.parameter_groups(model)
+    optimizer = build_optimizer(groups, accelerator.device, lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )
-    plan = plan_steps(
-        len(train_dataloader), args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps
-    )
-    args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_train_epochs
-    lr_scheduler = build_lr_scheduler(
-        accelerator,
-        optimizer,
-        args.lr_scheduler_type,
-        task.num_warmup_steps(plan.steps_per_epoch),
-        plan.max_train_steps,
-        **args.scheduler_kwargs(),
-    )
+    plan, lr_scheduler = build_schedule(task, accelerator, optimizer, train_dataloader)
     compute_loss = task.build_loss(accelerator, model, data)
-    eval_history = []
-
-    def evaluate(epoch: int, train_loss: float, completed_steps: int) -> dict:
-        scores = task.evaluate(accelerator, model, eval_dataloader, data)
-        scalars = {name: value for name, value in scores.items() if isinstance(value, (int, float))}
-        elapsed = round(time.perf_counter() - start_time, 1)
-        eval_history.append(
-            {"epoch": epoch, "completed_steps": completed_steps, "elapsed_s": elapsed, "train_loss": train_loss}
-            | scalars
-        )
-        logger.info(f"epoch {epoch}: train loss {train_loss:.4f}, {task.describe_scores(scores)} ({elapsed:.0f} s)")
-        if args.with_tracking:
-            learning_rate = lr_scheduler.get_last_lr()[-1]
-            accelerator.log(
-                {"train_loss": train_loss, "learning_rate": learning_rate, **scalars, "epoch": epoch},
-                step=completed_steps,
-            )
-        return scores
+    evaluate = EvaluationRecorder(task, accelerator, model, eval_dataloader, data, lr_scheduler, start_time)
 
     start_tracking(accelerator, args, task.project_name, task.hyperparameters())
     loop = TrainingLoop(accelerator, model, optimizer, lr_scheduler, train_dataloader, plan, processor, args)
@@ -188,15 +211,9 @@ def run_training(task: TrainingTask, *, end_process_group: bool = True) -> dict:
         f"{accelerator.num_processes} process(es), global batch {global_batch_size}, {plan.max_train_steps} steps "
         f"over {plan.num_train_epochs} epochs, learning rate {args.learning_rate:g}"
     )
-    outcome = loop.run(compute_loss, lambda *progress: evaluate(*progress))
-
-    digests, scores = save_and_evaluate(
-        accelerator,
-        model,
-        processor,
-        args.output_dir,
-        lambda: evaluate(outcome.epochs - 1, outcome.train_loss, outcome.completed_steps),
-    )
+    outcome = loop.run(compute_loss, evaluate)
+    final_evaluation = lambda: evaluate(outcome.epochs - 1, outcome.train_loss, outcome.completed_steps)  # noqa: E731
+    digests, scores = save_and_evaluate(accelerator, model, processor, args.output_dir, final_evaluation)
     results = {
         **scores,
         **data.results_fields(),
@@ -209,17 +226,22 @@ def run_training(task: TrainingTask, *, end_process_group: bool = True) -> dict:
         "torch_compile_graphs": compiled_graph_count(model),
         "skipped_unreadable_images": data.skipped_images,
         "weights_sha256_per_rank": digests,
-        "eval_history": eval_history,
+        "eval_history": evaluate.history,
         **task.results_fields(data),
     }
     publish_run(accelerator, args, results, task.model_card(data, results), task.script)
+    end_run(accelerator, end_process_group)
+    return results
+
+
+def end_run(accelerator: Accelerator, end_process_group: bool) -> None:
+    """Close the trackers, and the process group unless something else trains next: nothing collective after it."""
     accelerator.wait_for_everyone()
     if end_process_group:
-        accelerator.end_training()  # closes the trackers and the process group: nothing collective after this
-    else:
-        for tracker in accelerator.trackers:
-            tracker.finish()
-    return results
+        accelerator.end_training()
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def default_repo_id(args: TrainingArguments) -> str:
