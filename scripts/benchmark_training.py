@@ -63,8 +63,14 @@ out)."""
 
 # Per device: what a user of that device would train. The CPU run is small so that it ends in minutes on 2 cores.
 DEFAULTS = {
-    "cpu": {"model_size": "tiny", "image_size": 64, "batch_size": 16, "num_images": 512, "num_workers": 1},
-    "cuda": {"model_size": "small", "image_size": 224, "batch_size": 128, "num_images": 8192, "num_workers": 15},
+    "cpu": {"model_size": "tiny", "image_size": 64, "batch_size": 16, "num_images": 512, "dataloader_num_workers": 1},
+    "cuda": {
+        "model_size": "small",
+        "image_size": 224,
+        "batch_size": 128,
+        "num_images": 8192,
+        "dataloader_num_workers": 15,
+    },
 }
 
 
@@ -151,7 +157,7 @@ def time_loader(args: argparse.Namespace, train_dir: Path, validation_dir: Path,
     dataset = ImageClassificationDataset(
         data.train, data.image_column, data.label_column, build_train_transform(args.image_size), "train", 0
     )
-    loader = build_train_dataloader(dataset, args.batch_size, 0, collate_image_batch, args.num_workers)
+    loader = build_train_dataloader(dataset, args.batch_size, 0, collate_image_batch, args.dataloader_num_workers)
     batch_transform = TrainBatchTransform(processor.image_mean, processor.image_std, 0.25, device)
     warmup = min(3, len(loader) // 2)
     delivered, started = 0, None
@@ -221,7 +227,7 @@ def time_train_script(args: argparse.Namespace, train_dir: Path, validation_dir:
         command += ["--train_dir", str(train_dir), "--validation_dir", str(validation_dir)]
         command += ["--model_size", args.model_size, "--image_size", str(args.image_size), "--num_train_epochs", "3"]
         command += ["--per_device_train_batch_size", str(args.batch_size)]
-        command += ["--dataloader_num_workers", str(args.num_workers)]
+        command += ["--dataloader_num_workers", str(args.dataloader_num_workers)]
         command += ["--per_device_eval_batch_size", str(args.batch_size), "--profile_steps", str(PROFILE_STEPS)]
         if backend:
             command += ["--torch_compile", "--torch_compile_backend", backend]
@@ -277,7 +283,10 @@ def main() -> None:
             "load_average_at_start": os.getloadavg()[0],
         },
         "setup": {
-            **{name: getattr(args, name) for name in ("model_size", "image_size", "batch_size", "num_workers")},
+            **{
+                name: getattr(args, name)
+                for name in ("model_size", "image_size", "batch_size", "dataloader_num_workers")
+            },
             "torch_threads": torch.get_num_threads(),
         },
         "rows": {},

@@ -31,6 +31,7 @@ from modeling_pvt.data.segmentation import (
     train_transform,
 )
 from modeling_pvt.metrics import load_metric
+from modeling_pvt.tasks.segmentation import build_segmenter
 from modeling_pvt.training.checkpoints import resolve_checkpoint
 
 IGNORE = 255
@@ -260,7 +261,8 @@ def save_tiny_classifier(folder: Path, tiny_config) -> PvtForImageClassification
 def test_backbone_weights_come_from_the_classification_checkpoint(script, tmp_path, tiny_config):
     classifier = save_tiny_classifier(tmp_path / "classifier", tiny_config)
     arguments = ["--output_dir", "out", "--train_dir", "d", "--backbone_name_or_path", str(tmp_path / "classifier")]
-    model = script.build_model(script.parse_args(arguments + ["--head_hidden_size", "16"]), ["a", "b", "c"])
+    task = script.parse_args(arguments + ["--head_hidden_size", "16"])
+    model = build_segmenter(task.model_args, ["a", "b", "c"], task.data_args.ignore_index)
     assert isinstance(model.backbone, PvtBackbone)
     assert model.config.num_labels == 3 and model.config.loss_ignore_index == IGNORE
     assert model.config.backbone_config.drop_path_rate == 0.1
