@@ -244,7 +244,7 @@ def test_without_the_import_stock_transformers_names_the_missing_pvt_backbone(di
 
 def test_detector_from_the_hub_matches_the_trained_weights(uninterrupted, hub, tmp_path):
     client = (
-        "import json, sys\nimport modeling_pvt\nfrom modeling_pvt.training import weights_digest\n"
+        "import json, sys\nimport modeling_pvt\nfrom modeling_pvt.training.checkpoints import weights_digest\n"
         "from transformers import AutoModelForObjectDetection\n"
         f"model = AutoModelForObjectDetection.from_pretrained({HUB_REPO!r})\n"
         "print(json.dumps({'digest': weights_digest(model), 'class': type(model).__name__}))\n"
