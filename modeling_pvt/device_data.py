@@ -69,6 +69,9 @@ _TIMM_OP_TO_DEVICE_OP = {
     "TranslateYRel": "TranslateY",
 }
 NO_OP = -1
+_COLOR_JITTER_OPS = ("Brightness", "Contrast", "Color")
+"""torchvision's ColorJitter factors in its order (brightness, contrast, saturation), as PIL ops: on PIL images it
+applies them with ImageEnhance, saturation being ImageEnhance.Color."""
 
 
 # ------------------------------------------------------------------------------------------------ host: workers
@@ -81,8 +84,9 @@ class TrainAugmentationSampler:
     """Draws one training sample's augmentation parameters, as the CPU recipe (`modeling_pvt.data.
     build_train_transform`, timm's `create_transform`) draws them, with the same calls in the same order: timm's
     RandomResizedCrop parameters, the flip (`torch.rand(1) < horizontal_flip`), timm's RandAugment op choice,
-    application and magnitude; then random erasing's box (timm's distribution, one box, 'pixel' mode) and a seed for
-    its noise. Call it inside the sample's seeded random state (`EpochSeededDataset.augmentation`)."""
+    application and magnitude (or, with RandAugment off, torchvision's ColorJitter factors and order, as timm then
+    applies them); then random erasing's box (timm's distribution, one box, 'pixel' mode) and a seed for its noise.
+    Call it inside the sample's seeded random state (`EpochSeededDataset.augmentation`)."""
 
     def __init__(
         self,
@@ -92,9 +96,11 @@ class TrainAugmentationSampler:
         horizontal_flip: float = 0.5,
         random_erasing: float = 0.25,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
+        color_jitter: float = 0.4,
     ):
         from timm.data.auto_augment import rand_augment_transform
         from timm.data.transforms import RandomResizedCropAndInterpolation
+        from torchvision.transforms import ColorJitter
 
         self.image_size = image_size
         self.crop = RandomResizedCropAndInterpolation(image_size, scale=crop_scale, interpolation="bicubic")
@@ -102,7 +108,10 @@ class TrainAugmentationSampler:
         self.random_erasing = random_erasing
         # What timm's create_transform passes to RandAugment: fill with the mean colour, bicubic resampling.
         self.fill = tuple(min(255, round(255 * value)) for value in mean)
-        self.rand_augment, self.num_ops = None, 0
+        self.rand_augment, self.color_jitter, self.num_ops = None, None, 0
+        if not rand_augment and color_jitter > 0:
+            self.color_jitter = ColorJitter(color_jitter, color_jitter, color_jitter)
+            self.num_ops = len(_COLOR_JITTER_OPS)
         if rand_augment:
             hparams = {
                 "translate_const": int(image_size * 0.45),
@@ -125,12 +134,8 @@ class TrainAugmentationSampler:
         top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
         flip = self.horizontal_flip > 0 and bool(torch.rand(1) < self.horizontal_flip)
         ops, op_arguments = np.full(self.num_ops, NO_OP, np.int64), np.zeros(self.num_ops, np.float64)
-        if self.rand_augment is not None:
-            for slot, (name, argument) in enumerate(self.rand_augment([])):
-                device_op = _TIMM_OP_TO_DEVICE_OP[name]
-                if name.endswith("Rel"):  # a fraction of the image's width or height
-                    argument *= self.image_size
-                ops[slot], op_arguments[slot] = DEVICE_OPS.index(device_op), argument
+        for slot, (name, argument) in enumerate(self._colour_and_shape_ops()):
+            ops[slot], op_arguments[slot] = DEVICE_OPS.index(name), argument
         return {
             "crop_boxes": np.array([top, left, height, width], np.int64),
             "flips": np.array(flip),
@@ -139,6 +144,24 @@ class TrainAugmentationSampler:
             "erase_boxes": self._erase_box(),
             "noise_seeds": np.array(np.random.randint(2**31), np.int64),
         }
+
+    def _colour_and_shape_ops(self) -> list[tuple[str, float]]:
+        """The ops to apply in order, as (`DEVICE_OPS` name, argument)."""
+        if self.color_jitter is not None:
+            jitter = self.color_jitter
+            order, *factors = jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+            return [
+                (_COLOR_JITTER_OPS[index], factors[index])
+                for index in order.tolist()
+                if index < len(_COLOR_JITTER_OPS) and factors[index] is not None
+            ]
+        if self.rand_augment is None:
+            return []
+        ops = []
+        for name, argument in self.rand_augment([]):
+            # the Rel translations are a fraction of the image's width or height
+            ops.append((_TIMM_OP_TO_DEVICE_OP[name], argument * self.image_size if name.endswith("Rel") else argument))
+        return ops
 
     def _erase_box(self) -> np.ndarray:
         """timm's RandomErasing box for one image of `image_size` (area 2%-33%, log-uniform aspect 0.3-3.3, ten

@@ -96,9 +96,10 @@ def test_unreadable_files_raise_the_cpu_paths_error_naming_the_file(tmp_path):
 # ------------------------------------------------------------------------------------- parameters vs timm's recipe
 class _CpuRecipeRecorder:
     """timm's CPU training transform (as `modeling_pvt.data.build_train_transform` builds it) with its random
-    choices recorded: the crop box, the flip and the RandAugment ops with their arguments (not applied)."""
+    choices recorded: the crop box, the flip and the RandAugment ops (or, without RandAugment, ColorJitter's) with
+    their arguments (not applied)."""
 
-    def __init__(self, monkeypatch, image_size: int):
+    def __init__(self, monkeypatch, image_size: int, rand_augment: str | None = RECIPE):
         self.records: list[dict] = []
         self.recording = False  # the patched get_params also serves the device path's sampler: not recorded
         get_params = RandomResizedCropAndInterpolation.get_params
@@ -115,12 +116,20 @@ class _CpuRecipeRecorder:
 
         monkeypatch.setattr(RandomResizedCropAndInterpolation, "get_params", staticmethod(recorded_get_params))
         monkeypatch.setattr(torchvision.transforms.functional, "hflip", recorded_hflip)
+        for function, name in (("adjust_brightness", "Brightness"), ("adjust_contrast", "Contrast")):
+            monkeypatch.setattr(torchvision.transforms.functional, function, self._recorder(name))
+        monkeypatch.setattr(torchvision.transforms.functional, "adjust_saturation", self._recorder("Color"))
         self.transform = create_transform(
-            input_size=image_size, is_training=True, auto_augment=RECIPE, interpolation="bicubic", use_prefetcher=True
+            input_size=image_size,
+            is_training=True,
+            auto_augment=rand_augment,
+            color_jitter=0.4,
+            interpolation="bicubic",
+            use_prefetcher=True,
         )
-        rand_augment = next(t for t in self.transform.transforms if type(t).__name__ == "RandAugment")
-        for op in rand_augment.ops:
-            op.aug_fn = self._recorder(op.name)
+        for transform in self.transform.transforms:
+            for op in getattr(transform, "ops", []):  # RandAugment's
+                op.aug_fn = self._recorder(op.name)
 
     def _recorder(self, name: str):
         def record(image, *arguments, **_):
@@ -147,10 +156,11 @@ def _sampler_record(sampler: TrainAugmentationSampler, image: Image.Image, seed:
     return {"crop": tuple(drawn["crop_boxes"].tolist()), "flip": bool(drawn["flips"]), "ops": ops}
 
 
-def test_a_sample_draws_the_crop_flip_and_ops_the_cpu_recipe_draws_for_it(monkeypatch):
+@pytest.mark.parametrize("rand_augment", [RECIPE, None])
+def test_a_sample_draws_the_crop_flip_and_ops_the_cpu_recipe_draws_for_it(monkeypatch, rand_augment):
     image, size = _photo(500, 375), 224
-    cpu = _CpuRecipeRecorder(monkeypatch, size)
-    sampler = TrainAugmentationSampler(size, RECIPE)
+    cpu = _CpuRecipeRecorder(monkeypatch, size, rand_augment)
+    sampler = TrainAugmentationSampler(size, rand_augment)
     names = {
         "PosterizeIncreasing": "Posterize",
         "SolarizeIncreasing": "Solarize",
@@ -169,6 +179,7 @@ def test_a_sample_draws_the_crop_flip_and_ops_the_cpu_recipe_draws_for_it(monkey
         ]
         drawn = _sampler_record(sampler, image, seed)
         assert drawn["crop"] == expected["crop"] and drawn["flip"] == expected["flip"]
+        assert expected_ops or rand_augment  # ColorJitter changes every image
         assert [name for name, _ in drawn["ops"]] == [name for name, _ in expected_ops]
         np.testing.assert_allclose([a for _, a in drawn["ops"]], [a for _, a in expected_ops], rtol=1e-12)
 
