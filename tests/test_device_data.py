@@ -363,3 +363,29 @@ def test_hashed_noise_is_standard_normal_and_per_sample():
     torch.testing.assert_close(noise[0], noise[2], rtol=0, atol=0)
     assert abs(noise.mean().item()) < 0.03 and abs(noise.std().item() - 1) < 0.03
     assert abs(torch.corrcoef(torch.stack([noise[0].flatten(), noise[1].flatten()]))[0, 1].item()) < 0.05
+
+
+def test_a_batch_is_cropped_flipped_normalised_and_erased_as_its_parameters_say():
+    image = _photo(40, 30, seed=8)
+    sampler = TrainAugmentationSampler(16, None, color_jitter=0.0)
+    transform = DeviceTrainTransform(sampler, MEAN, STD, "cpu")
+    pixels = np.asarray(image).transpose(2, 0, 1).copy()
+    batch = {
+        "labels": torch.tensor([0, 1]),
+        "encoded": [pixels, pixels],
+        "descriptions": ["a", "b"],
+        "crop_boxes": np.array([[0, 0, 30, 40], [5, 10, 20, 20]]),
+        "flips": np.array([True, False]),
+        "ops": np.zeros((2, 0), np.int64),
+        "op_arguments": np.zeros((2, 0)),
+        "erase_boxes": np.array([[0, 0, 0, 0], [2, 3, 4, 5]]),
+        "noise_seeds": np.array([11, 12]),
+    }
+    output = transform(batch)
+    tensor = torch.from_numpy(pixels)
+    expected = crop_and_resize([tensor, tensor], batch["crop_boxes"], 16)
+    expected[0] = expected[0].flip(-1)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    expected = (expected / 255 - mean) / std
+    expected[1, :, 2:6, 3:8] = hashed_normal(torch.tensor([12]), (3, 16, 16))[0, :, 2:6, 3:8]
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
