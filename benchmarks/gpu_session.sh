@@ -13,11 +13,12 @@
 #             eager and compiled) -> $OUT/training_cuda.json, .png, benchmark_training.log
 # `model`:    tests/test_gpu.py, then scripts/benchmark.py --device cuda --compile -> $OUT/test_gpu.log,
 #             results_cuda.json, .png, benchmark.log
-# `data-paths`: scripts/benchmark_training.py --device cuda for the device and the CPU data path (loader alone, model
+# `data-paths`: tests/test_device_data_gpu.py (nvJPEG against PIL, GPU against CPU augmentation), then
+#             scripts/benchmark_training.py --device cuda for the device and the CPU data path (loader alone, model
 #             step, train.py end to end at batch 256 and 128, eager then compiled) on 4,096 JPEGs written first, in
-#             at most 470 s: the report is written after every row, so a cut-off run keeps the rows it finished
-#             (device path and batch 256 first) -> $OUT/training_cuda_data_paths.json, .png,
-#             benchmark_training_data_paths.log
+#             at most 440 s: the report is written after every row, so a cut-off run keeps the rows it finished
+#             (device path and batch 256 first) -> $OUT/test_device_data_gpu.log, training_cuda_data_paths.json,
+#             .png, benchmark_training_data_paths.log
 # Commit what comes back under benchmarks/ and quote it in the README with the machine it names.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +54,9 @@ if [[ "$1" == training ]]; then
     timeout 500 python3 scripts/benchmark_training.py --device cuda --data_dir /tmp/jpegs \
         --output "$OUT/training_cuda.json" 2>&1 | tee "$OUT/benchmark_training.log"
 elif [[ "$1" == data-paths ]]; then
-    timeout 470 python3 scripts/benchmark_training.py --device cuda --data_dir /tmp/jpegs_4096 --num_images 4096 \
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_data_gpu.py 2>&1 |
+        tee "$OUT/test_device_data_gpu.log"
+    timeout 440 python3 scripts/benchmark_training.py --device cuda --data_dir /tmp/jpegs_4096 --num_images 4096 \
         --data_paths device cpu --end_to_end_batch_sizes 256 128 --output "$OUT/training_cuda_data_paths.json" 2>&1 |
         tee "$OUT/benchmark_training_data_paths.log"
 else
