@@ -442,6 +442,18 @@ def hashed_normal(seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return normal.view(len(seeds), *shape)
 
 
+class _Normalisation:
+    """uint8-valued float images to `(x / 255 - mean) / std`, as one multiply-add."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device):
+        std_tensor = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_tensor)
+        self.shift = -torch.tensor(mean, device=device).view(1, -1, 1, 1) / std_tensor
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, images, self.scale)
+
+
 class DeviceTrainTransform:
     """The training augmentation of a batch from `collate_encoded_batch` on `device`: decode, then each sample's crop
     and flip, RandAugment ops, normalisation and random erasing as drawn by `TrainAugmentationSampler`. Returns
@@ -457,9 +469,7 @@ class DeviceTrainTransform:
         self.sampler = sampler
         self.device = torch.device(device)
         self.decoder = DeviceDecoder(self.device)
-        std_tensor = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-        self.scale = 1.0 / (255.0 * std_tensor)  # (x / 255 - mean) / std as one multiply-add
-        self.shift = -torch.tensor(mean, device=self.device).view(1, -1, 1, 1) / std_tensor
+        self.normalise = _Normalisation(mean, std, self.device)
         self.fill = torch.tensor(sampler.fill, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
 
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -469,7 +479,7 @@ class DeviceTrainTransform:
         images = torch.where(flips, images.flip(-1), images)
         for slot in range(batch["ops"].shape[1]):
             images = self._apply_ops(images, batch["ops"][:, slot], batch["op_arguments"][:, slot])
-        images = torch.addcmul(self.shift, images, self.scale)
+        images = self.normalise(images)
         return self._erase(images, batch["erase_boxes"], batch["noise_seeds"])
 
     def _apply_ops(self, images: torch.Tensor, ops: np.ndarray, arguments: np.ndarray) -> torch.Tensor:
@@ -482,12 +492,12 @@ class DeviceTrainTransform:
             moved = F.grid_sample(
                 images[indices] - self.fill, grid, mode="bicubic", padding_mode="zeros", align_corners=False
             )
-            images = images.index_copy(0, indices, _as_uint8_values(moved + self.fill))
+            images.index_copy_(0, indices, _as_uint8_values(moved + self.fill))
         for op in np.unique(ops[ops >= len(GEOMETRIC_OPS)]):
             selected = np.flatnonzero(ops == op)
             indices = _to_device_indices(selected, self.device)
             op_arguments = torch.from_numpy(arguments[selected].astype(np.float32)).to(self.device, non_blocking=True)
-            images = images.index_copy(0, indices, _pixel_op(DEVICE_OPS[op], images[indices], op_arguments))
+            images.index_copy_(0, indices, _pixel_op(DEVICE_OPS[op], images[indices], op_arguments))
         return images
 
     def _erase(self, images: torch.Tensor, boxes: np.ndarray, seeds: np.ndarray) -> torch.Tensor:
@@ -505,7 +515,7 @@ class DeviceTrainTransform:
             & (columns < (left + width).view(-1, 1, 1))
         ).unsqueeze(1)
         noise = hashed_normal(_to_device_indices(seeds[erased], self.device), images.shape[1:])
-        return images.index_copy(0, indices, torch.where(inside, noise, images[indices]))
+        return images.index_copy_(0, indices, torch.where(inside, noise, images[indices]))
 
 
 class DeviceEvalTransform:
@@ -518,9 +528,7 @@ class DeviceEvalTransform:
         self.resize_to, self.crop_size = resize_to, crop_size
         self.device = torch.device(device)
         self.decoder = DeviceDecoder(self.device)
-        std_tensor = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-        self.scale = 1.0 / (255.0 * std_tensor)
-        self.shift = -torch.tensor(mean, device=self.device).view(1, -1, 1, 1) / std_tensor
+        self.normalise = _Normalisation(mean, std, self.device)
 
     @classmethod
     def from_image_processor(cls, image_processor, device: torch.device | str) -> "DeviceEvalTransform":
@@ -546,7 +554,7 @@ class DeviceEvalTransform:
             left = (new_size[1] - self.crop_size) // 2
             cropped = resized[..., top : top + self.crop_size, left : left + self.crop_size]
             output.index_copy_(0, _to_device_indices(indices, self.device), cropped)
-        return torch.addcmul(self.shift, output, self.scale)
+        return self.normalise(output)
 
 
 class TransformedBatches:
