@@ -113,6 +113,8 @@ class TrainAugmentationSampler:
             self.color_jitter = ColorJitter(color_jitter, color_jitter, color_jitter)
             self.num_ops = len(_COLOR_JITTER_OPS)
         if rand_augment:
+            if not rand_augment.startswith("rand"):
+                raise ValueError(f"The device data path takes RandAugment specs ('rand-...'), not {rand_augment!r}.")
             hparams = {
                 "translate_const": int(image_size * 0.45),
                 "img_mean": self.fill,

@@ -389,3 +389,10 @@ def test_a_batch_is_cropped_flipped_normalised_and_erased_as_its_parameters_say(
     expected = (expected / 255 - mean) / std
     expected[1, :, 2:6, 3:8] = hashed_normal(torch.tensor([12]), (3, 16, 16))[0, :, 2:6, 3:8]
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_augmentations_the_device_path_lacks_are_refused_up_front():
+    with pytest.raises(ValueError, match="GaussianBlur"):
+        TrainAugmentationSampler(32, "rand-m9-t3a")
+    with pytest.raises(ValueError, match="RandAugment specs"):
+        TrainAugmentationSampler(32, "augmix-m5-w4-d2")
