@@ -1,20 +1,16 @@
-"""Process-wide settings that make PVT (and PyTorch CPU work in general) faster, and `describe_machine`, which says
-what a measurement ran on; nothing here runs on import.
+"""Process-wide settings that make PVT (and PyTorch CPU work in general) faster; nothing here runs on import.
 
 The memory allocator
 --------------------
 glibc's `malloc` hands every freed block larger than its mmap threshold (at most 32 MiB with the default dynamic
-threshold) straight back to the kernel, and trims the heap when more than the trim threshold is free at its top. A
-PVT forward pass at batch 16 through stock transformers allocates and frees several such blocks (each stage-1 MLP
-activation of PVT-small is 16 x 3136 x 512 floats = 98 MiB), so every call maps fresh pages and the kernel
-zero-fills about 1 GiB of them again; with the settings below the same stock model ran about 1.35x faster on 2 cores
-(measured by an earlier version of scripts/benchmark.py, which now runs every model with these settings so that no
-comparison comes from the allocator alone). This package's CPU inference route keeps its temporaries small (it
-works on cache-sized blocks of tokens), but large batches, training and other code in the process still benefit.
-Raising both thresholds keeps freed blocks in the process for the next call. The price:
-memory freed by PyTorch is not returned to the operating system while the process lives (its resident size stays at
-its high-water mark), which suits a training or inference process and is why this is an explicit call rather than
-something `import modeling_pvt` does.
+threshold) straight back to the kernel, and trims the heap when more than the trim threshold is free at its top. A PVT
+forward pass at batch 16 through stock transformers allocates and frees several such blocks (each stage-1 MLP
+activation of PVT-small is 16 x 3136 x 512 floats = 98 MiB), so every call maps fresh pages and the kernel zero-fills
+about 1 GiB of them again. Raising both thresholds keeps freed blocks in the process for the next call
+(`scripts/benchmark.py` runs every model with these settings, so that no comparison comes from the allocator alone).
+The price: memory freed by PyTorch is not returned to the operating system while the process lives (its resident size
+stays at its high-water mark), which suits a training or inference process and is why this is an explicit call rather
+than something `import modeling_pvt` does.
 
 Three equivalent ways to get it, most to least convenient:
 
@@ -36,9 +32,6 @@ import ctypes.util
 import logging
 import os
 import platform
-import subprocess
-from collections.abc import Sequence
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -108,49 +101,3 @@ __all__ = [
     "allocator_settings",
     "configure_allocator",
 ]
-
-
-# Environment variables that cap the instruction set PyTorch, MKL and oneDNN use (how an AVX2-only CPU is emulated).
-ISA_LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-
-
-def describe_machine(device: str, code_paths: Sequence[str] = ("modeling_pvt",)) -> dict:
-    """What a benchmark's figures were measured on: the CPU's model and the instruction set PyTorch uses on it (with
-    any cap set through `ISA_LIMIT_VARIABLES`), CPUs and threads, versions, the GPU on `device` "cuda", and the git
-    commit of this checkout, marked when `code_paths` (relative to it) have uncommitted changes."""
-    import torch
-    import transformers
-
-    cpu_model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    description = {
-        "cpu": cpu_model,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "onednn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "isa_limits": {name: os.environ[name] for name in ISA_LIMIT_VARIABLES if name in os.environ},
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-    }
-    if device == "cuda":
-        description["gpu"] = torch.cuda.get_device_name()
-    checkout = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=checkout)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", *code_paths], capture_output=True, text=True, cwd=checkout
-        ).stdout
-    except OSError:  # no git
-        return description
-    if commit.returncode == 0:  # else not a checkout (an installed package)
-        description["git_commit"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
-    return description

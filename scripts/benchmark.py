@@ -45,14 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from modeling_pvt.scripts.machine import describe_machine
 from tqdm.auto import tqdm
 from transformers.models.pvt import PvtConfig as StockPvtConfig
 from transformers.models.pvt import PvtForImageClassification as StockPvtForImageClassification
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, cpu_acceleration
 from modeling_pvt.cpu_acceleration import onednn_linear_available
-from modeling_pvt.model_facts import count_multiply_adds
-from modeling_pvt.runtime import allocator_settings, configure_allocator, describe_machine
+from modeling_pvt.hub.model_facts import count_multiply_adds
+from modeling_pvt.runtime import allocator_settings, configure_allocator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ costs what it costs on ImageNet), it measures, side by side in one run:
 
 - **loader**: images/s that `train.py`'s data pipeline delivers to the device (decode, the paper recipe's
   augmentation in worker processes, uint8 batches copied to the device, normalised and erased there); with
-  `--data_paths cpu device` also the device data path's (`modeling_pvt.device_data`: workers read the bytes and draw
+  `--data_paths cpu device` also the device data path's (`modeling_pvt.data.device`: workers read the bytes and draw
   the parameters, the device decodes and augments);
 - **model step**: images/s of the training step alone on a batch already on the device (`TrainBatchTransform`,
   forward, loss, backward, AdamW), eager and under `torch.compile`;
@@ -41,24 +41,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from modeling_pvt.scripts.machine import describe_machine
 from PIL import Image
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
-from modeling_pvt.data import (
+from modeling_pvt.data.classification import (
     ImageClassificationDataset,
     TrainBatchTransform,
     build_train_transform,
     collate_image_batch,
     load_image_classification_data,
 )
-from modeling_pvt.device_data import (
+from modeling_pvt.data.device import (
     DeviceTrainTransform,
     EncodedImageDataset,
     TrainAugmentationSampler,
     collate_encoded_batch,
 )
-from modeling_pvt.runtime import describe_machine
-from modeling_pvt.training import PROFILE_DIR_NAME, build_optimizer, build_train_dataloader, compile_model
+from modeling_pvt.data.sampling import build_train_dataloader
+from modeling_pvt.training.launch import compile_model
+from modeling_pvt.training.optimization import build_optimizer
+from modeling_pvt.training.profiling import PROFILE_DIR_NAME
 
 logger = logging.getLogger("benchmark_training")
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +76,14 @@ out)."""
 
 # Per device: what a user of that device would train. The CPU run is small so that it ends in minutes on 2 cores.
 DEFAULTS = {
-    "cpu": {"model_size": "tiny", "image_size": 64, "batch_size": 16, "num_images": 512, "num_workers": 1},
-    "cuda": {"model_size": "small", "image_size": 224, "batch_size": 128, "num_images": 8192, "num_workers": 15},
+    "cpu": {"model_size": "tiny", "image_size": 64, "batch_size": 16, "num_images": 512, "dataloader_num_workers": 1},
+    "cuda": {
+        "model_size": "small",
+        "image_size": 224,
+        "batch_size": 128,
+        "num_images": 8192,
+        "dataloader_num_workers": 15,
+    },
 }
 
 
@@ -85,11 +94,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image_size", type=int)
     parser.add_argument("--batch_size", type=int, help="Training batch size (the model step also runs at 2x).")
     parser.add_argument("--num_images", type=int, help="Training JPEGs to generate (validation: 1/8 as many).")
-    parser.add_argument("--num_workers", type=int, help="Data-loader workers.")
+    parser.add_argument("--dataloader_num_workers", type=int, help="Data-loader workers.")
     parser.add_argument("--steps", type=int, default=30, help="Timed steps for the loader and the model step.")
     parser.add_argument("--data_paths", nargs="+", choices=DATA_PATHS, default=["cpu"], help="Data paths to time "
                         "(loader and end to end), in this order: 'cpu' (decode and augment in workers) and/or "
-                        "'device' (modeling_pvt.device_data).")  # fmt: skip
+                        "'device' (modeling_pvt.data.device).")  # fmt: skip
     parser.add_argument("--end_to_end_batch_sizes", nargs="+", type=int, help="Batch sizes of the train.py runs, in "
                         "this order (default: --batch_size).")  # fmt: skip
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="Also time torch.compile "
@@ -170,13 +179,15 @@ def time_loader(
     if path == "device":
         sampler = TrainAugmentationSampler(args.image_size, mean=processor.image_mean)
         dataset = EncodedImageDataset(data.train, data.image_column, data.label_column, "train", sampler, 0)
-        loader = build_train_dataloader(dataset, args.batch_size, 0, collate_encoded_batch, args.num_workers)
+        loader = build_train_dataloader(
+            dataset, args.batch_size, 0, collate_encoded_batch, args.dataloader_num_workers
+        )
         deliver = DeviceTrainTransform(sampler, processor.image_mean, processor.image_std, device)
     else:
         dataset = ImageClassificationDataset(
             data.train, data.image_column, data.label_column, build_train_transform(args.image_size), "train", 0
         )
-        loader = build_train_dataloader(dataset, args.batch_size, 0, collate_image_batch, args.num_workers)
+        loader = build_train_dataloader(dataset, args.batch_size, 0, collate_image_batch, args.dataloader_num_workers)
         batch_transform = TrainBatchTransform(processor.image_mean, processor.image_std, 0.25, device)
 
         def deliver(batch: dict) -> torch.Tensor:
@@ -257,12 +268,13 @@ def time_train_script(
         command += [str(REPO / "scripts" / "train.py"), "--output_dir", output_dir, "--image_check", "none"]
         command += ["--train_dir", str(train_dir), "--validation_dir", str(validation_dir)]
         command += ["--model_size", args.model_size, "--image_size", str(args.image_size), "--num_train_epochs", "3"]
-        command += ["--per_device_train_batch_size", str(batch_size), "--num_workers", str(args.num_workers)]
+        command += ["--per_device_train_batch_size", str(batch_size)]
+        command += ["--dataloader_num_workers", str(args.dataloader_num_workers)]
         command += ["--per_device_eval_batch_size", str(batch_size), "--profile_steps", str(PROFILE_STEPS)]
         if path != "cpu":  # the default: the command of the runs measured before the option existed
             command += ["--data_pipeline", path]
         if backend:
-            command += ["--torch_compile", backend]
+            command += ["--torch_compile", "--torch_compile_backend", backend]
         environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         started = time.perf_counter()
         completed = subprocess.run(command, env=environment, capture_output=True, text=True)
@@ -320,7 +332,7 @@ def main() -> None:
             "load_average_at_start": os.getloadavg()[0],
         },
         "setup": {
-            **{name: getattr(args, name) for name in ("model_size", "image_size", "batch_size", "num_workers")},
+            **{name: getattr(args, name) for name in DEFAULTS["cpu"] if name != "num_images"},
             "data_paths": args.data_paths,
             "end_to_end_batch_sizes": args.end_to_end_batch_sizes,
             "torch_threads": torch.get_num_threads(),

@@ -16,7 +16,7 @@ import logging
 import sys
 
 from modeling_pvt import PVT_PRESETS
-from modeling_pvt.convert import UNSAFE_PICKLE_FLAG, CheckpointConversionError, convert_checkpoint
+from modeling_pvt.hub.convert import UNSAFE_PICKLE_FLAG, CheckpointConversionError, convert_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,16 +19,17 @@ import time
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
 
 import modeling_pvt  # noqa: F401  (registers PVT with the Auto classes)
-from modeling_pvt.data import (
+from modeling_pvt.data.classification import (
     DataArguments,
     ImageClassificationDataset,
     build_processor_transform,
     collate_image_batch,
-    exit_on_data_error,
 )
-from modeling_pvt.evaluation import evaluate_classifier, label_mapping
-from modeling_pvt.results import write_results
-from modeling_pvt.training import build_eval_dataloader, setup_accelerator
+from modeling_pvt.data.sampling import build_eval_dataloader
+from modeling_pvt.data.sources import exit_on_data_error
+from modeling_pvt.hub.results import write_results
+from modeling_pvt.tasks.evaluation import evaluate_classifier, label_mapping
+from modeling_pvt.training.launch import setup_accelerator
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, argparse.Namespace]:
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, argparse.N
     parser.add_argument("--revision", default="main", help="Branch, tag or commit of a Hub model.")
     parser.add_argument("--token", help="Hub token for private models.")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=128)
-    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--output_file", help="Where to write the JSON results (default: print only).")
     return parser.parse_args_into_dataclasses(args=argv)
 
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     dataset = ImageClassificationDataset(
         data.validation, data.image_column, data.label_column, build_processor_transform(image_processor), "evaluation"
     )
-    dataloader = build_eval_dataloader(dataset, args.per_device_eval_batch_size, collate_image_batch, args.num_workers)
+    dataloader = build_eval_dataloader(
+        dataset, args.per_device_eval_batch_size, collate_image_batch, args.dataloader_num_workers
+    )
     model, dataloader = accelerator.prepare(model, dataloader)
     start = time.perf_counter()
     scores = evaluate_classifier(accelerator, model, dataloader, label_ids)

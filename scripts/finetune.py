@@ -38,19 +38,20 @@ from transformers.image_utils import PILImageResampling
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor
-from modeling_pvt.data import (
+from modeling_pvt.data.classification import (
     DataArguments,
     ImageClassificationData,
     ImageClassificationDataset,
     build_processor_transform,
     collate_image_batch,
-    exit_on_data_error,
 )
+from modeling_pvt.data.sources import exit_on_data_error
+from modeling_pvt.hub.model_card import render_trained_card
+from modeling_pvt.hub.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, write_results
 from modeling_pvt.metrics import load_metric
-from modeling_pvt.model_card import render_trained_card
-from modeling_pvt.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, write_results
 from modeling_pvt.runtime import configure_allocator
-from modeling_pvt.training import INTERRUPTED_MODEL_DIR_NAME, trainer_launch_arguments
+from modeling_pvt.training.checkpoints import INTERRUPTED_MODEL_DIR_NAME
+from modeling_pvt.training.launch import trainer_launch_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -220,9 +221,8 @@ def write_model_card(
     trainer.create_model_card()
 
 
-def main(argv: list[str] | None = None) -> None:
-    configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
-    model_args, data_args, augmentation_args, training_args = parse_arguments(argv)
+def setup_logging(training_args: TrainingArguments) -> None:
+    """transformers' example-script logging: to stdout, at the level of this process."""
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
@@ -234,6 +234,39 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+
+
+def train_and_evaluate(trainer: Trainer, training_args: TrainingArguments, checkpoint: str | None, eval_samples: int):
+    """Train (saving the weights so far if training fails, and the model before evaluating it), then evaluate;
+    the metrics of both."""
+    results: dict = {}
+    output_dir = Path(training_args.output_dir)
+    if training_args.do_train:
+        try:
+            train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        except BaseException:
+            if trainer.state.global_step > 0:
+                saved = output_dir / INTERRUPTED_MODEL_DIR_NAME
+                trainer.save_model(str(saved))
+                logger.error(f"Training failed at step {trainer.state.global_step}; weights so far are in {saved}.")
+            raise
+        # Save before evaluating: a failing evaluation must not lose the trained model.
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results.update(train_result.metrics)
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = eval_samples
+        trainer.log_metrics("eval", metrics)
+        results.update(metrics)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_allocator()  # keep big freed blocks in the process instead of re-faulting them on every step
+    model_args, data_args, augmentation_args, training_args = parse_arguments(argv)
+    setup_logging(training_args)
     # Trainer passes a dict of tensors straight to the model; our dataset already yields exactly its inputs.
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
@@ -287,26 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         data_collator=collate_image_batch,
     )
 
-    results: dict = {}
-    if training_args.do_train:
-        try:
-            train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        except BaseException:
-            if trainer.state.global_step > 0:
-                saved = output_dir / INTERRUPTED_MODEL_DIR_NAME
-                trainer.save_model(str(saved))
-                logger.error(f"Training failed at step {trainer.state.global_step}; weights so far are in {saved}.")
-            raise
-        # Save before evaluating: a failing evaluation must not lose the trained model.
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_state()
-        results.update(train_result.metrics)
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        results.update(metrics)
+    results = train_and_evaluate(trainer, training_args, checkpoint, len(eval_dataset))
     results.update(data.results_fields())
     if trainer.is_world_process_zero():
         write_results(output_dir / RESULTS_FILE_NAME, results)

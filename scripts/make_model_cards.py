@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from modeling_pvt import PVT_PRESETS
-from modeling_pvt.model_card import DEFAULT_NAMESPACE, default_repo_id, render_paper_size_card
+from modeling_pvt.hub.model_card import DEFAULT_NAMESPACE, default_repo_id, render_paper_size_card
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 

@@ -39,8 +39,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 
 from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification, PvtImageProcessor
-from modeling_pvt.model_card import render_paper_size_card, render_trained_card
-from modeling_pvt.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, read_results
+from modeling_pvt.hub.model_card import render_paper_size_card, render_trained_card
+from modeling_pvt.hub.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, read_results
 
 logger = logging.getLogger("push_to_hub")
 

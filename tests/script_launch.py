@@ -2,7 +2,7 @@
 processes on a CPU host; the test Hub server (`hub_server.py`, the `hub` fixture of conftest.py) can stand in for
 huggingface.co. `load_script` imports a script instead, to call its functions in the test's process."""
 
-import importlib.util
+import importlib
 import os
 import socket
 import subprocess
@@ -18,13 +18,14 @@ SCRIPT_TIMEOUT_S = 300
 HUB_TOKEN = "hf_test_training_token"
 
 
+COMPILE_EAGER = ("--torch_compile", "--torch_compile_backend", "eager")
+"""Options that compile the model and check the capture without generating code (fast)."""
+
+
 def load_script(name: str):
-    """`scripts/<name>.py` as a module (named `pvt_script_<name>`), executed afresh."""
-    spec = importlib.util.spec_from_file_location(f"pvt_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    """`scripts/<name>.py` as the package ships it (`modeling_pvt.scripts.<name>`, the console entry points' module),
+    executed afresh."""
+    return importlib.reload(importlib.import_module(f"modeling_pvt.scripts.{name}"))
 
 
 def free_port() -> int:

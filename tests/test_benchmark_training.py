@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_pvt.training import STEP_PHASES
+from modeling_pvt.training.profiling import STEP_PHASES
 
 REPO = Path(__file__).resolve().parents[1]
 

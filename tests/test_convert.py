@@ -19,7 +19,7 @@ from transformers.models.pvt import PvtConfig as StockPvtConfig
 from transformers.models.pvt import PvtForImageClassification as StockPvtForImageClassification
 
 from modeling_pvt import PVT_PRESETS, PvtConfig, PvtForImageClassification
-from modeling_pvt.convert import (
+from modeling_pvt.hub.convert import (
     CheckpointConversionError,
     UnsafeCheckpointError,
     convert_checkpoint,

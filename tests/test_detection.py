@@ -15,16 +15,16 @@ from PIL import Image
 
 import modeling_pvt  # noqa: F401  (registers the pvt backbone with transformers' Auto classes)
 from modeling_pvt import PvtBackbone, PvtConfig
-from modeling_pvt.data import DataError, UnreadableImageError
-from modeling_pvt.detection.data import (
+from modeling_pvt.data.detection import (
     DetectionCollator,
     DetectionDataset,
     build_detection_augmentation,
     load_detection_data,
 )
-from modeling_pvt.detection.digits import INK_THRESHOLD, CanvasSpec, DigitCanvases, draw_canvas, load_digit_scans
-from modeling_pvt.detection.evaluation import DetectionEvaluator, box_xywh_to_xyxy
-from modeling_pvt.detection.modeling import (
+from modeling_pvt.data.digit_canvases import INK_THRESHOLD, CanvasSpec, DigitCanvases, draw_canvas, load_digit_scans
+from modeling_pvt.data.sources import DataError, UnreadableImageError
+from modeling_pvt.tasks.detection_evaluation import DetectionEvaluator, box_xywh_to_xyxy
+from modeling_pvt.tasks.detectors import (
     DETECTORS,
     build_detector,
     build_detector_config,
@@ -214,7 +214,7 @@ def test_augmentation_moves_boxes_with_pixels_and_is_reproducible():
             return 1
 
         def sample(self, index, epoch=0):
-            from modeling_pvt.detection.data import DetectionSample
+            from modeling_pvt.data.detection import DetectionSample
 
             return DetectionSample(Image.fromarray(image), 0, np.array([[2, 5, 6, 5]], np.float32), np.array([1]), "x")
 
@@ -307,7 +307,7 @@ def test_evaluation_frames_map_padded_labels_back_to_original_pixels():
     turns each image's normalised (padded-frame) label boxes back into its original pixel boxes."""
     from transformers.image_transforms import center_to_corners_format
 
-    from modeling_pvt.detection.evaluation import _to_original_pixels
+    from modeling_pvt.tasks.detection_evaluation import _to_original_pixels
 
     processor = build_image_processor("deformable_detr", {"shortest_edge": 64, "longest_edge": 96})
     images = [Image.new("RGB", (120, 80)), Image.new("RGB", (50, 100))]  # (width, height)

@@ -1,9 +1,11 @@
-"""The device data path (`modeling_pvt.device_data`) on the CPU: its decoding against PIL's, its random parameters
+"""The device data path (`modeling_pvt.data.device`) on the CPU: its decoding against PIL's, its random parameters
 against timm's CPU recipe (the very same draws, and their distribution), its ops against PIL's, and per-sample
 determinism across batches, workers and processes. Its speed needs a GPU and is measured in the benchmark."""
 
 import io
+import json
 import math
+import shutil
 from collections import Counter
 
 import datasets
@@ -18,8 +20,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from modeling_pvt import PvtImageProcessor
-from modeling_pvt.data import UnreadableImageError, decode_image
-from modeling_pvt.device_data import (
+from modeling_pvt.data.device import (
     DEVICE_OPS,
     DeviceDecoder,
     DeviceEvalTransform,
@@ -32,7 +33,8 @@ from modeling_pvt.device_data import (
     crop_and_resize,
     hashed_normal,
 )
-from modeling_pvt.training import seeded_random_state
+from modeling_pvt.data.sampling import seeded_random_state
+from modeling_pvt.data.sources import UnreadableImageError, decode_image
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RECIPE = "rand-m9-mstd0.5-inc1"
@@ -396,3 +398,25 @@ def test_augmentations_the_device_path_lacks_are_refused_up_front():
         TrainAugmentationSampler(32, "rand-m9-t3a")
     with pytest.raises(ValueError, match="RandAugment specs"):
         TrainAugmentationSampler(32, "augmix-m5-w4-d2")
+
+
+def test_train_script_with_the_device_data_path_trains_evaluates_and_resumes_exactly(tmp_path):
+    """`scripts/train.py --data_pipeline device` on the digits (CPU as the device): a run resumed from its checkpoint
+    ends with the weights of the uninterrupted run, and evaluation scores every held-out image."""
+    from script_launch import load_script
+
+    train = load_script("train")
+    toy = '{"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 1, 2], "depths": [1, 1, 1, 1]}'
+    arguments = ["--data_pipeline", "device", "--config_overrides", toy, "--max_train_samples", "64"]
+    arguments += ["--max_eval_samples", "21", "--per_device_train_batch_size", "8", "--num_train_epochs", "2"]
+    arguments += ["--rand_augment", "rand-m9-mstd0.5-inc1", "--random_erasing", "0.25", "--checkpointing_steps", "4"]
+    results = {}
+    for name, extra in (("uninterrupted", []), ("resumed", ["--resume_from_checkpoint", "latest"])):
+        output_dir = tmp_path / name
+        if name == "resumed":
+            checkpoint = tmp_path / "uninterrupted" / "checkpoints" / "step_12"
+            shutil.copytree(checkpoint, output_dir / "checkpoints" / "step_12")
+        train.main([*arguments, *extra, "--output_dir", str(output_dir)])
+        results[name] = json.loads((output_dir / "all_results.json").read_text())
+    assert results["uninterrupted"]["eval_samples"] == 21
+    assert results["resumed"]["weights_sha256_per_rank"] == results["uninterrupted"]["weights_sha256_per_rank"]

@@ -9,8 +9,7 @@ import pytest
 import torch
 from test_device_data import MEAN, RECIPE, STD, _dataset, _encode, _photo
 
-from modeling_pvt.data import UnreadableImageError, decode_image
-from modeling_pvt.device_data import (
+from modeling_pvt.data.device import (
     DeviceDecoder,
     DeviceEvalTransform,
     DeviceTrainTransform,
@@ -18,6 +17,7 @@ from modeling_pvt.device_data import (
     TrainAugmentationSampler,
     collate_encoded_batch,
 )
+from modeling_pvt.data.sources import UnreadableImageError, decode_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda"

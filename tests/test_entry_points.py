@@ -41,9 +41,10 @@ def test_wheel_installs_every_script_as_a_command(tmp_path):
         defined = {node.name for node in ast.parse(script.read_text()).body if isinstance(node, ast.FunctionDef)}
         assert function in defined, command
     assert {
-        "modeling_pvt/card_templates/trained.jinja",
+        "modeling_pvt/hub/card_templates/trained.jinja",
         "modeling_pvt/metrics/mean_iou/mean_iou.py",
-        "modeling_pvt/detection/data.py",
+        "modeling_pvt/data/detection.py",
+        "modeling_pvt/training/run.py",
         "modeling_pvt/cpu_acceleration.py",
     } <= names
 

@@ -13,7 +13,9 @@ from PIL import Image
 from script_launch import load_script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification, evaluation, training
+from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
+from modeling_pvt.tasks import evaluation
+from modeling_pvt.training.loop import TrainingLoop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -137,7 +139,14 @@ def test_train_script_steps_and_evaluation_never_wait_for_the_gpu(tmp_path, monk
     train = load_script("train")
     arguments = ["--train_dir", str(tmp_path / "images"), "--validation_dir", str(tmp_path / "images")]
     arguments += ["--output_dir", str(tmp_path / "run"), "--image_size", "32", "--num_train_epochs", "1"]
-    arguments += ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_workers", "2"]
+    arguments += [
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "8",
+        "--dataloader_num_workers",
+        "2",
+    ]
     arguments += ["--max_grad_norm", "1.0"]
     arguments += ["--config_overrides", json.dumps({"hidden_sizes": [16, 32, 40, 64], "depths": [1, 1, 1, 1]})]
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
@@ -145,7 +154,7 @@ def test_train_script_steps_and_evaluation_never_wait_for_the_gpu(tmp_path, monk
     # How many warnings had been issued when each training step and each evaluation batch began.
     step_starts: list[int] = []
     evaluation_starts: list[int] = []
-    run, batches_with_logits = training.TrainingLoop.run, evaluation._batches_with_logits
+    run, batches_with_logits = TrainingLoop.run, evaluation._batches_with_logits
     with warnings.catch_warnings(record=True) as issued:
 
         def run_marking_step_starts(loop, compute_loss, on_epoch_end=None):
@@ -160,7 +169,7 @@ def test_train_script_steps_and_evaluation_never_wait_for_the_gpu(tmp_path, monk
                 evaluation_starts.append(len(issued))
                 yield batch_and_logits
 
-        monkeypatch.setattr(training.TrainingLoop, "run", run_marking_step_starts)
+        monkeypatch.setattr(TrainingLoop, "run", run_marking_step_starts)
         monkeypatch.setattr(evaluation, "_batches_with_logits", batches_marking_their_starts)
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")

@@ -29,7 +29,7 @@ from safetensors.torch import load, load_file
 from script_launch import load_script
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
-from modeling_pvt.model_card import render_paper_size_card
+from modeling_pvt.hub.model_card import render_paper_size_card
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

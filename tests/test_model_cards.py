@@ -6,13 +6,16 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from huggingface_hub import ModelCard
+from PIL import Image
 from script_launch import load_script
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
-from modeling_pvt.model_card import render_paper_size_card
-from modeling_pvt.model_facts import PAPER_REPORTED, count_multiply_adds, count_parameters, format_giga
+from modeling_pvt.hub.model_card import render_paper_size_card, render_trained_card
+from modeling_pvt.hub.model_facts import PAPER_REPORTED, count_multiply_adds, count_parameters, format_giga
+from modeling_pvt.hub.results import IMAGE_CLASSIFICATION, OBJECT_DETECTION, SEMANTIC_SEGMENTATION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = ["tiny", "small", "medium", "large"]
@@ -153,3 +156,27 @@ def test_usage_snippets_run(tmp_path):
     assert output.count("class ") >= 5 + 5  # pipeline top-5 and the Auto-class top-5
     expected_backbone_output = re.search(r"which prints\n```\n(.*?)```", text, flags=re.DOTALL).group(1)
     assert output.endswith(expected_backbone_output)
+
+
+@pytest.mark.parametrize("task", [IMAGE_CLASSIFICATION, SEMANTIC_SEGMENTATION, OBJECT_DETECTION], ids=lambda t: t.name)
+def test_trained_cards_show_the_pipeline_of_their_task(task):
+    card = render_trained_card(repo_id="org/run", task=task, title="A run", summary="Trained.")
+    assert f'pipeline("{task.pipeline_tag}", model="org/run")' in card
+    assert f'{task.auto_class}.from_pretrained("org/run")' in card
+
+
+def test_the_pipeline_snippet_of_a_trained_classifier_card_runs(tmp_path):
+    """The card's pipeline block, pointed at a saved folder and a real image, classifies it."""
+    folder = tmp_path / "run"
+    toy = {"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 1, 2], "depths": [1, 1, 1, 1]}
+    config = PvtConfig(image_size=32, num_labels=2, id2label={0: "cat", 1: "dog"}, **toy)
+    PvtForImageClassification(config).save_pretrained(folder)
+    PvtImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    Image.fromarray(np.full((40, 48, 3), 128, dtype=np.uint8)).save(tmp_path / "image.jpg")
+    card = render_trained_card(repo_id=str(folder), task=IMAGE_CLASSIFICATION, title="A run", summary="Trained.")
+    snippet = re.search(r"With a pipeline:\n\n```python\n(.*?)```", card, flags=re.DOTALL).group(1)
+    snippet = snippet.replace("path/to/image.jpg", str(tmp_path / "image.jpg"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, {})
+    assert {"cat", "dog"} == {row["label"] for row in eval(printed.getvalue())}

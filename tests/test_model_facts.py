@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
-from modeling_pvt.model_facts import (
+from modeling_pvt.hub.model_facts import (
     PAPER_REPORTED,
     attention_multiply_adds,
     count_multiply_adds,

@@ -18,8 +18,7 @@ from script_launch import SCRIPTS, environment, launch_command, load_script, run
 
 import modeling_pvt  # noqa: F401  (registers the pvt backbone for UperNet's from_pretrained)
 from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification
-from modeling_pvt.metrics import load_metric
-from modeling_pvt.segmentation_data import (
+from modeling_pvt.data.segmentation import (
     SegmentationDataset,
     build_segmentation_processor,
     find_image_mask_pairs,
@@ -31,7 +30,9 @@ from modeling_pvt.segmentation_data import (
     read_labels_file,
     train_transform,
 )
-from modeling_pvt.training import resolve_checkpoint
+from modeling_pvt.metrics import load_metric
+from modeling_pvt.tasks.segmentation import build_segmenter
+from modeling_pvt.training.checkpoints import resolve_checkpoint
 
 IGNORE = 255
 
@@ -260,7 +261,8 @@ def save_tiny_classifier(folder: Path, tiny_config) -> PvtForImageClassification
 def test_backbone_weights_come_from_the_classification_checkpoint(script, tmp_path, tiny_config):
     classifier = save_tiny_classifier(tmp_path / "classifier", tiny_config)
     arguments = ["--output_dir", "out", "--train_dir", "d", "--backbone_name_or_path", str(tmp_path / "classifier")]
-    model = script.build_model(script.parse_args(arguments + ["--head_hidden_size", "16"]), ["a", "b", "c"])
+    task = script.parse_args(arguments + ["--head_hidden_size", "16"])
+    model = build_segmenter(task.model_args, ["a", "b", "c"], task.data_args.ignore_index)
     assert isinstance(model.backbone, PvtBackbone)
     assert model.config.num_labels == 3 and model.config.loss_ignore_index == IGNORE
     assert model.config.backbone_config.drop_path_rate == 0.1
@@ -319,10 +321,10 @@ def test_two_process_training_run(segmentation_run, segmentation_data, mean_iou)
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["num_processes"] == 2
     assert results["eval_samples"] == 5 and results["train_samples"] == 8
-    assert [epoch["epoch"] for epoch in results["history"]] == [0, 1]
+    assert [epoch["epoch"] for epoch in results["eval_history"]] == [0, 1]
     assert results["completed_steps"] == 4  # 8 pairs / (2 processes x 2) per epoch, 2 epochs
     assert results["dataset_name"] == f"folder:{tmp_path / 'train'}" and results["split"] == "validation"
-    for scores in [results, *results["history"]]:
+    for scores in [results, *results["eval_history"]]:
         assert isinstance(scores["eval_mean_iou"], float) and 0.0 <= scores["eval_mean_iou"] <= 1.0
     assert math.isfinite(results["train_loss"])
     assert set(results["eval_per_category_iou"]) == {"class_0", "class_1", "class_2"}
@@ -360,7 +362,12 @@ def test_two_process_training_run(segmentation_run, segmentation_data, mean_iou)
 def test_torch_compile_captures_one_graph_for_training_and_one_for_evaluation(segmentation_data, tmp_path):
     """One process, 5 validation images in batches of 2: the last, smaller batch must not compile again."""
     output_dir = tmp_path / "compiled"
-    arguments = [*training_arguments(segmentation_data, output_dir), "--torch_compile", "eager"]
+    arguments = [
+        *training_arguments(segmentation_data, output_dir),
+        "--torch_compile",
+        "--torch_compile_backend",
+        "eager",
+    ]
     run([sys.executable, str(SCRIPTS / "train_segmentation.py"), *arguments])
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["torch_compile_graphs"] == 2

@@ -12,7 +12,7 @@ from accelerate import PartialState
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList, FunctionEvent
 
-from modeling_pvt.training import STEP_PHASES, write_step_profile
+from modeling_pvt.training.profiling import STEP_PHASES, write_step_profile
 
 HOST, GPU = DeviceType.CPU, DeviceType.CUDA
 _event_ids = itertools.count()

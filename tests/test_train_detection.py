@@ -13,7 +13,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from PIL import Image
-from script_launch import REPO, SCRIPT_TIMEOUT_S, environment, launch_command, run
+from script_launch import COMPILE_EAGER, REPO, SCRIPT_TIMEOUT_S, environment, launch_command, run
 
 import modeling_pvt  # noqa: F401  (registers the pvt backbone with transformers' Auto classes)
 from modeling_pvt import PvtConfig, PvtForImageClassification
@@ -45,10 +45,10 @@ COCO_ARGS = [
     "--num_train_epochs", "3",
     "--learning_rate", "1e-3",
     "--backbone_learning_rate", "1e-4",
-    "--warmup_steps", "1",
+    "--warmup_epochs", "0.5",
     "--horizontal_flip", "0.5",
     "--photometric", "true",
-    "--num_workers", "0",
+    "--dataloader_num_workers", "0",
     "--checkpointing_steps", "2",
     "--seed", "3",
 ]  # fmt: skip
@@ -174,7 +174,7 @@ def test_torch_compile_captures_one_backbone_graph_for_training_and_one_for_eval
     launch(
         "--backbone_name_or_path", str(data["classifier"]), "--image_size", "64", "--num_train_canvases", "8",
         "--num_eval_canvases", "5", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2",
-        "--num_train_epochs", "2", "--torch_compile", "eager", "--output_dir", str(output_dir), processes=1,
+        "--num_train_epochs", "2", *COMPILE_EAGER, "--output_dir", str(output_dir), processes=1,
     )  # fmt: skip
     results = results_of(output_dir)
     assert results["torch_compile_graphs"] == 2

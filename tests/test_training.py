@@ -4,7 +4,6 @@ The script tests run the real command lines in subprocesses (`accelerate launch 
 two gloo processes on a CPU host) on scikit-learn's digits with a toy-width PVT, so each run takes seconds.
 """
 
-import argparse
 import io
 import json
 import logging
@@ -14,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,32 +27,23 @@ from PIL import Image
 from safetensors.torch import load_file
 from script_launch import REPO, SCRIPT_TIMEOUT_S, SCRIPTS, environment, launch_command, load_script, run
 
-from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor, evaluation
-from modeling_pvt.data import (
-    DataError,
+from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor
+from modeling_pvt.data.classification import (
     ImageClassificationDataset,
-    UnreadableImageError,
     build_processor_transform,
     load_image_classification_data,
 )
-from modeling_pvt.evaluation import evaluate_classifier
+from modeling_pvt.data.sampling import EpochSeededDataset, build_train_dataloader
+from modeling_pvt.data.sources import DataError, UnreadableImageError
+from modeling_pvt.hub.model_card import render_paper_size_card
 from modeling_pvt.metrics import load_metric, metric_path
-from modeling_pvt.model_card import render_paper_size_card
-from modeling_pvt.training import (
-    PROFILE_DIR_NAME,
-    STEP_PHASES,
-    EpochSeededDataset,
-    TrainingLoop,
-    add_speed_arguments,
-    build_lr_scheduler,
-    build_optimizer,
-    build_train_dataloader,
-    device_busy_seconds,
-    list_checkpoints,
-    plan_steps,
-    resolve_checkpoint,
-    weights_digest,
-)
+from modeling_pvt.tasks import classification, evaluation
+from modeling_pvt.tasks.evaluation import evaluate_classifier
+from modeling_pvt.training.checkpoints import list_checkpoints, resolve_checkpoint, weights_digest
+from modeling_pvt.training.loop import TrainingLoop
+from modeling_pvt.training.optimization import build_lr_scheduler, build_optimizer, plan_steps
+from modeling_pvt.training.options import TrainingArguments, parse_arguments
+from modeling_pvt.training.profiling import PROFILE_DIR_NAME, STEP_PHASES, device_busy_seconds
 
 TOY_CONFIG = {"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 1, 2], "depths": [1, 1, 1, 1]}
 HUB_REPO = "trainer/pvt-toy-digits"
@@ -80,7 +69,7 @@ TRAIN_ARGS = [
     "--min_crop_scale", "0.08",
     "--horizontal_flip", "0.5",
     "--drop_path_rate", "0.1",
-    "--num_workers", "1",
+    "--dataloader_num_workers", "1",
     "--seed", "7",
     "--checkpointing_steps", "3",
 ]  # fmt: skip
@@ -180,7 +169,16 @@ def test_torch_compile_captures_one_graph_for_training_and_one_for_evaluation(tm
     compile again. One process meets a last, smaller evaluation batch (21 images in batches of 4); two run DDP
     (accelerate evens their batches out)."""
     output_dir = tmp_path / "compiled"
-    arguments = [*TRAIN_ARGS, "--num_train_epochs", "3", "--output_dir", str(output_dir), "--torch_compile", "eager"]
+    arguments = [
+        *TRAIN_ARGS,
+        "--num_train_epochs",
+        "3",
+        "--output_dir",
+        str(output_dir),
+        "--torch_compile",
+        "--torch_compile_backend",
+        "eager",
+    ]
     single = [sys.executable, str(SCRIPTS / "train.py"), *arguments]
     run(launch_command("train.py", *arguments) if processes == 2 else single)
     results = _results(output_dir)
@@ -204,9 +202,8 @@ def test_resume_rejects_incomplete_checkpoint(tmp_path):
 
 
 def test_no_weight_decay_on_biases_norms_position_embeddings_and_class_token():
-    train = load_script("train")
     model = PvtForImageClassification(PvtConfig(image_size=32, num_labels=3, **TOY_CONFIG))
-    decay, no_decay = train.parameter_groups(model, 0.05)
+    decay, no_decay = classification.parameter_groups(model, 0.05)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     no_decay_names = {names[id(parameter)] for parameter in no_decay["params"]}
     decay_names = {names[id(parameter)] for parameter in decay["params"]}
@@ -233,7 +230,7 @@ def test_evaluation_script_reproduces_the_training_result(uninterrupted_run, tmp
     assert results["model"] == str(uninterrupted_run)
     for key in ("eval_accuracy", "eval_top5_accuracy", "eval_loss"):
         assert results[key] == pytest.approx(trained[key]), key
-    # A card built from this script's real output keeps every row (the second schema used to lose "Images evaluated").
+    # A card built from this script's real output keeps every row, "Images evaluated" included.
     card = render_paper_size_card("tiny", results=results)
     assert "| Images evaluated | 21 |" in card and "`scripts/eval_classification.py`" in card
 
@@ -425,7 +422,7 @@ def test_failures_after_training_keep_the_trained_weights(tmp_path):
         sys.executable, str(SCRIPTS / "train.py"),
         "--train_dir", str(train_dir), "--validation_dir", str(validation_dir),
         "--config_overrides", json.dumps(TOY_CONFIG), "--image_size", "32",
-        "--per_device_train_batch_size", "4", "--num_workers", "0",
+        "--per_device_train_batch_size", "4", "--dataloader_num_workers", "0",
     ]  # fmt: skip
 
     # The evaluation after epoch 0 of 2 fails: the weights trained so far are kept.
@@ -470,9 +467,7 @@ def _train_toy_model(output_dir: Path, resume_from: str | None = None) -> dict:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = plan_steps(len(loader), 2, num_train_epochs=2, max_train_steps=None)
     scheduler = build_lr_scheduler(accelerator, optimizer, "cosine", 1, plan.max_train_steps)
-    options = Namespace(
-        output_dir=output_dir, checkpointing_steps=1, checkpoints_total_limit=None, resume_from_checkpoint=resume_from
-    )
+    options = TrainingArguments(output_dir=output_dir, checkpointing_steps="1", resume_from_checkpoint=resume_from)
     loop = TrainingLoop(accelerator, model, optimizer, scheduler, loader, plan, PvtImageProcessor(), options)
     loop.run(lambda batch: torch.nn.functional.mse_loss(model(batch["inputs"]), batch["targets"]))
     return {name: tensor.clone() for name, tensor in accelerator.unwrap_model(model).state_dict().items()}
@@ -495,13 +490,27 @@ def test_training_loop_resumes_any_model_exactly_from_any_checkpoint(tmp_path):
     assert not all(torch.equal(reference[name], misplaced[name]) for name in reference)
 
 
-def test_optimizer_is_fused_adamw_on_cpu_and_gpu_and_the_default_elsewhere():
+def test_optimizer_steps_as_adamw_does_and_is_fused_where_pytorch_has_the_kernel():
+    torch.manual_seed(0)
+    start = torch.randn(5, 7)
+    gradients = [torch.randn(5, 7) for _ in range(3)]
+    updated = {}
+    for name, build in (
+        ("ours", lambda params: build_optimizer(params, torch.device("cpu"), lr=2e-2, weight_decay=0.05)),
+        ("reference", lambda params: torch.optim.AdamW(params, lr=2e-2, weight_decay=0.05, foreach=False)),
+    ):
+        parameter = torch.nn.Parameter(start.clone())
+        optimizer = build([parameter])
+        for gradient in gradients:
+            parameter.grad = gradient.clone()
+            optimizer.step()
+        updated[name] = parameter.detach()
+    assert not torch.equal(updated["ours"], start)
+    torch.testing.assert_close(updated["ours"], updated["reference"], rtol=1e-5, atol=1e-6)
+    # Which devices get the fused kernel: a step on a CUDA tensor needs a GPU, so only the choice is checked there.
     parameters = [torch.nn.Parameter(torch.zeros(3))]
     for device, fused in (("cuda", True), ("cpu", True), ("meta", False)):
-        optimizer = build_optimizer(parameters, torch.device(device), lr=2e-3, weight_decay=0.05)
-        assert isinstance(optimizer, torch.optim.AdamW)
-        assert bool(optimizer.defaults["fused"]) is fused, device
-        assert optimizer.defaults["lr"] == 2e-3 and optimizer.defaults["weight_decay"] == 0.05
+        assert bool(build_optimizer(parameters, torch.device(device)).defaults["fused"]) is fused, device
 
 
 def _run_toy_loop(output_dir: Path, profile_steps: int) -> None:
@@ -513,13 +522,7 @@ def _run_toy_loop(output_dir: Path, profile_steps: int) -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = plan_steps(len(loader), 1, num_train_epochs=1, max_train_steps=None)
     scheduler = build_lr_scheduler(accelerator, optimizer, "constant", 0, plan.max_train_steps)
-    options = Namespace(
-        output_dir=output_dir,
-        checkpointing_steps=None,
-        checkpoints_total_limit=None,
-        resume_from_checkpoint=None,
-        profile_steps=profile_steps,
-    )
+    options = TrainingArguments(output_dir=output_dir, profile_steps=profile_steps)
     loop = TrainingLoop(accelerator, model, optimizer, scheduler, loader, plan, PvtImageProcessor(), options)
     loop.run(lambda batch: torch.nn.functional.mse_loss(model(batch["inputs"]), batch["targets"]))
 
@@ -543,12 +546,10 @@ def test_profile_steps_beyond_the_run_or_below_zero_are_refused_before_training(
     with pytest.raises(ValueError, match=r"--profile_steps 7 needs 13 optimizer steps .* it has 12"):
         _run_toy_loop(tmp_path, profile_steps=7)
     assert not (tmp_path / PROFILE_DIR_NAME).exists()
-    parser = argparse.ArgumentParser()
-    add_speed_arguments(parser)
-    assert parser.parse_args(["--profile_steps", "4"]).profile_steps == 4
-    assert parser.parse_args([]).profile_steps == 0
+    assert parse_arguments([TrainingArguments], ["--profile_steps", "4"])[1][0].profile_steps == 4
+    assert parse_arguments([TrainingArguments], [])[1][0].profile_steps == 0
     with pytest.raises(SystemExit):
-        parser.parse_args(["--profile_steps", "-2"])
+        parse_arguments([TrainingArguments], ["--profile_steps", "-2"])
     assert "must be a whole number of steps" in capsys.readouterr().err
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from modeling_pvt import PvtBackbone
-from modeling_pvt.detection.digits import CanvasSpec, DigitCanvases, load_digit_scans
-from modeling_pvt.detection.evaluation import DetectionEvaluator, box_xywh_to_xyxy
-from modeling_pvt.detection.modeling import (
+from modeling_pvt.data.digit_canvases import CanvasSpec, DigitCanvases, load_digit_scans
+from modeling_pvt.tasks.detection_evaluation import DetectionEvaluator, box_xywh_to_xyxy
+from modeling_pvt.tasks.detectors import (
     build_detector,
     build_detector_config,
     build_image_processor,

@@ -5,15 +5,11 @@ Behind the README's GPU paragraph.
     python benchmarks/probes/gpu_profile.py > benchmarks/probes/gpu_profile_h200.log
 """
 
-import sys
 import time
-from pathlib import Path
 
 import torch
+from modeling_pvt.scripts.benchmark import build_pair
 from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from benchmark import build_pair  # noqa: E402
 
 
 def train_step(model, optimizer, pixel_values, labels) -> None:

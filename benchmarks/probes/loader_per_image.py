@@ -17,9 +17,8 @@ Each pipeline takes every image once untimed, then the median of 3 rounds over a
 turns so that a slow spell of the machine falls on all of them.
 """
 
-import importlib.util
+import importlib
 import statistics
-import sys
 import tempfile
 import time
 import timeit
@@ -27,20 +26,16 @@ from pathlib import Path
 
 import torch
 
-from modeling_pvt.data import ImageClassificationDataset, build_train_transform, load_image_classification_data
-from modeling_pvt.training import seeded_random_state
+from modeling_pvt.data.classification import (
+    ImageClassificationDataset,
+    build_train_transform,
+    load_image_classification_data,
+)
+from modeling_pvt.data.sampling import seeded_random_state
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_IMAGES = 512
 ROUNDS = 3
-
-
-def load_benchmark_training():
-    spec = importlib.util.spec_from_file_location("benchmark_training", REPO / "scripts" / "benchmark_training.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def seconds_for_all(dataset: torch.utils.data.Dataset) -> float:
@@ -60,7 +55,7 @@ def main() -> None:
     from torchvision.datasets import ImageFolder
 
     torch.set_num_threads(1)
-    benchmark_training = load_benchmark_training()
+    benchmark_training = importlib.import_module("modeling_pvt.scripts.benchmark_training")
     cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     print(f"torch {torch.__version__}, {cpu.split(':', 1)[1].strip()}, 1 thread, {NUM_IMAGES} JPEGs of 500x375")
     with tempfile.TemporaryDirectory() as scratch:

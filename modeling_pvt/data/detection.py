@@ -32,14 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import (
-    DataError,
-    _describe_image,
-    _load_named_dataset,
-    decode_image,
-    drop_unreadable_images,
-)
-from ..training import EpochSeededDataset
+from ..hub.results import dataset_fields
+from .sampling import EpochSeededDataset
+from .sources import DataError, decode_image, describe_image, drop_unreadable_images, load_named_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +64,15 @@ class DetectionData:
     name: str
     validation_split_name: str
     skipped_images: int = 0
+    dataset_config_name: str | None = None
 
     @property
     def id2label(self) -> dict[int, str]:
         return dict(enumerate(self.categories))
+
+    def results_fields(self) -> dict:
+        """What a results file says about the evaluated data (see `modeling_pvt.hub.results`)."""
+        return dataset_fields(self.name, self.dataset_config_name, self.validation_split_name)
 
 
 class ObjectsSource:
@@ -88,7 +88,7 @@ class ObjectsSource:
 
     def sample(self, index: int, epoch: int = 0) -> DetectionSample:
         row = self.dataset[int(index)]
-        description = _describe_image(row[self.image_column], index, self.split)
+        description = describe_image(row[self.image_column], index, self.split)
         image = decode_image(row[self.image_column], description)
         objects = row["objects"]
         boxes = np.asarray(objects["bbox"], dtype=np.float32).reshape(-1, 4)
@@ -281,7 +281,7 @@ def validate_objects(dataset: datasets.Dataset, image_column: str, num_categorie
     for index, (objects, image, size) in enumerate(
         zip(dataset["objects"], dataset.select_columns([image_column])[image_column], sizes)
     ):
-        where = _describe_image(image, index, split)
+        where = describe_image(image, index, split)
         ids = objects.get("id") or [None] * len(objects["bbox"])
         if len(objects["category"]) != len(objects["bbox"]):
             problems.append(f"{where}: {len(objects['bbox'])} boxes but {len(objects['category'])} categories")
@@ -345,7 +345,7 @@ def load_detection_data(
     if (dataset_name is None) == (train_dir is None):
         raise DataError("Pass either a dataset name or a COCO training folder (train_dir), exactly one of them.")
     if dataset_name is not None:
-        splits = _load_named_dataset(dataset_name, dataset_config_name, cache_dir)
+        splits = load_named_dataset(dataset_name, dataset_config_name, cache_dir)
         if "train" not in splits:
             raise DataError(f"The dataset has no 'train' split; available splits: {list(splits)}.")
         train = _normalise_objects(splits["train"], "train")
@@ -386,6 +386,7 @@ def load_detection_data(
         name=name,
         validation_split_name=held_out,
         skipped_images=skipped,
+        dataset_config_name=dataset_config_name,
     )
 
 

@@ -21,11 +21,8 @@ Bad data policy:
   names the column (and lists the available ones), the folder, or the dataset.
 """
 
-import io
 import logging
-import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -35,8 +32,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .results import dataset_fields
-from .training import EpochSeededDataset
+from ..hub.results import dataset_fields
+from .sampling import EpochSeededDataset
+from .sources import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    decode_image,
+    describe_image,
+    drop_unreadable_images,
+    find_image_files,
+    load_named_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +53,6 @@ DEFAULT_SPLIT_SEED = 42
 """Seed of every train/validation split made here; fixed so training and evaluation hold out the same images."""
 
 DIGITS_VALIDATION_FRACTION = 0.2
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
-)
-MAX_NAMED_BAD_FILES = 10
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as asked (missing column, empty folder, unknown dataset, ...)."""
-
-
-class UnreadableImageError(RuntimeError):
-    """An image could not be decoded while building a batch."""
 
 
 @dataclass
@@ -150,15 +143,6 @@ class DataArguments:
         return load_image_classification_data(**options)
 
 
-@contextmanager
-def exit_on_data_error():
-    """For command-line scripts: a `DataError` in the block ends the process with its message, not a traceback."""
-    try:
-        yield
-    except DataError as error:
-        raise SystemExit(f"Data error: {error}") from error
-
-
 def load_digits_dataset() -> datasets.Dataset:
     """scikit-learn's digits as a `datasets.Dataset`: 8-bit greyscale PNG images in `image`, class in `label`."""
     from sklearn.datasets import load_digits
@@ -175,47 +159,15 @@ def load_digits_dataset() -> datasets.Dataset:
     )
 
 
-def _find_image_files(folder: Path, limit: int = 1) -> list[Path]:
-    found = []
-    for root, _, files in os.walk(folder):
-        for file_name in files:
-            if Path(file_name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(root) / file_name)
-                if len(found) >= limit:
-                    return found
-    return found
-
-
 def _check_image_folder(folder: str, argument: str) -> None:
     path = Path(folder)
     if not path.is_dir():
         raise DataError(f"{argument} {folder!r} is not a folder.")
-    if not _find_image_files(path):
+    if not find_image_files(path):
         raise DataError(
             f"{argument} {folder!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
             f"expected one sub-folder per class, e.g. {path / 'class_name' / 'image.jpg'}."
         )
-
-
-def _load_named_dataset(
-    dataset_name: str, dataset_config_name: str | None, cache_dir: str | None
-) -> datasets.DatasetDict:
-    try:
-        if Path(dataset_name).is_dir() and (Path(dataset_name) / "dataset_dict.json").is_file():
-            loaded = datasets.load_from_disk(dataset_name)
-        else:
-            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as error:
-        raise DataError(
-            f"Cannot load dataset {dataset_name!r}"
-            + (f" (config {dataset_config_name!r})" if dataset_config_name else "")
-            + f": it is neither a local dataset nor one the Hugging Face Hub could provide ({error}). Check the "
-            "name and your connection (HF_HUB_OFFLINE=1 allows only cached datasets), or pass image folders with "
-            "--train_dir/--validation_dir."
-        ) from error
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
-    return loaded
 
 
 def _resolve_column(
@@ -238,63 +190,84 @@ def _resolve_column(
     raise DataError(f"Cannot tell which column holds the {role}s; available columns: {columns}. Pass {option}.")
 
 
-def _image_problem(value: dict | None, full_decode: bool) -> str:
-    """Why the undecoded image `value` cannot be read, or an empty string when it can."""
-    if value is None or (value.get("bytes") is None and not value.get("path")):
-        return "no image data"
-    try:
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-        with Image.open(source) as image:
-            if full_decode:
-                image.load()
-            else:
-                image.verify()
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files.
-        return f"{type(error).__name__}: {error}"
-    return ""
+def _source_splits(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_dir: str | None,
+    validation_dir: str | None,
+    cache_dir: str | None,
+) -> tuple[datasets.DatasetDict, str, str | None]:
+    """The splits of the source the options name, with the name and configuration results files give it."""
+    if dataset_name is not None and (train_dir is not None or validation_dir is not None):
+        raise DataError("Pass either a dataset name or image folders (train_dir/validation_dir), not both.")
+    if dataset_name is None and train_dir is None and validation_dir is None:
+        return datasets.DatasetDict({"train": load_digits_dataset()}), DIGITS_DATASET_NAME, None
+    if dataset_name is not None:
+        return load_named_dataset(dataset_name, dataset_config_name, cache_dir), dataset_name, dataset_config_name
+    if train_dir is None:
+        raise DataError("--validation_dir needs --train_dir as well.")
+    data_files = {}
+    for split, folder, argument in (
+        ("train", train_dir, "train_dir"),
+        ("validation", validation_dir, "validation_dir"),
+    ):
+        if folder is not None:
+            _check_image_folder(folder, argument)
+            data_files[split] = str(Path(folder) / "**")
+    splits = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+    return splits, f"imagefolder:{train_dir}", None
 
 
-def _describe_image(value: dict | None, index: int, split: str) -> str:
-    path = (value or {}).get("path")
-    return f"{path!r}" if path else f"row {index} of the {split} split"
-
-
-def drop_unreadable_images(
-    dataset: datasets.Dataset,
-    image_column: str,
-    split: str,
-    full_decode: bool = False,
-    num_proc: int | None = None,
-) -> tuple[datasets.Dataset, int]:
-    """Skip rows whose image cannot be opened; warn once with the count and the first file names."""
-    checked = dataset.select_columns([image_column]).map(
-        lambda batch: {"problem": [_image_problem(value, full_decode) for value in batch[image_column]]},
-        batched=True,
-        remove_columns=[image_column],
-        num_proc=num_proc,
-        desc=f"Checking {split} images",
+def _held_out_split(
+    splits: datasets.DatasetDict,
+    validation_split_name: str | None,
+    columns: tuple[tuple[str, str, str], ...],
+    train_val_split: float,
+    split_seed: int,
+) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+    """(train, validation, the validation split's name): the named or usual held-out split, else a stratified
+    `train_val_split` fraction of train. `columns` are (column, role, option) that the validation split needs."""
+    train = splits["train"]
+    held_out = validation_split_name
+    if held_out is None:
+        held_out = next((split for split in ("validation", "test") if split in splits), None)
+    if held_out is not None and held_out != "train":
+        validation = splits[held_out]
+        for column, role, option in columns:
+            if column not in validation.column_names:
+                raise DataError(
+                    f"The {held_out!r} split has no {role} column {column!r}; available columns: "
+                    f"{validation.column_names}. Pass the right one with {option}."
+                )
+        return train, validation, held_out
+    if not 0.0 < train_val_split < 1.0:
+        raise DataError(f"train_val_split must lie in (0, 1), got {train_val_split}.")
+    label_column = columns[1][0]
+    if not isinstance(train.features[label_column], datasets.ClassLabel):
+        train = train.class_encode_column(label_column)
+    parts = train.train_test_split(
+        test_size=train_val_split, seed=split_seed, stratify_by_column=label_column, shuffle=True
     )
-    problems = checked["problem"]
-    bad_rows = [index for index, problem in enumerate(problems) if problem]
-    if not bad_rows:
-        return dataset, 0
-    if len(bad_rows) == len(dataset):
-        raise DataError(f"None of the {len(dataset)} images of the {split} split can be read: {problems[0]}")
-    named = [
-        f"{_describe_image(dataset[index][image_column], index, split)} ({problems[index]})"
-        for index in bad_rows[:MAX_NAMED_BAD_FILES]
-    ]
-    more = f" and {len(bad_rows) - len(named)} more" if len(bad_rows) > len(named) else ""
-    logger.warning(
-        "Skipping %d unreadable image(s) of %d in the %s split: %s%s",
-        len(bad_rows),
-        len(dataset),
-        split,
-        "; ".join(named),
-        more,
+    return parts["train"], parts["test"], f"train[{train_val_split:.0%} held out, seed {split_seed}]"
+
+
+def _encode_labels(
+    train: datasets.Dataset, validation: datasets.Dataset, label_column: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Labels stored as strings or plain integers become one `ClassLabel` over both splits, so ids agree."""
+    if isinstance(train.features[label_column], datasets.ClassLabel):
+        return train, validation
+    values = set(train[label_column]) | set(validation[label_column])
+    # Integer labels keep their numeric order (so id 2 stays "2", not after "10"); strings sort alphabetically.
+    ordered = sorted(values) if all(isinstance(value, int) for value in values) else sorted(map(str, values))
+    class_label = datasets.ClassLabel(names=[str(value) for value in ordered])
+
+    def encode(batch: dict) -> dict:
+        return {label_column: [class_label.str2int(str(value)) for value in batch[label_column]]}
+
+    return tuple(
+        split.map(encode, batched=True).cast_column(label_column, class_label) for split in (train, validation)
     )
-    bad = set(bad_rows)
-    return dataset.select([index for index in range(len(dataset)) if index not in bad]), len(bad_rows)
 
 
 def load_image_classification_data(
@@ -322,80 +295,28 @@ def load_image_classification_data(
     """
     if check_images not in ("verify", "decode", "none"):
         raise ValueError(f"check_images must be 'verify', 'decode' or 'none', got {check_images!r}.")
-    if dataset_name is not None and (train_dir is not None or validation_dir is not None):
-        raise DataError("Pass either a dataset name or image folders (train_dir/validation_dir), not both.")
-
-    if dataset_name is None and train_dir is None and validation_dir is None:
-        dataset_name, dataset_config_name = DIGITS_DATASET_NAME, None
-        splits = datasets.DatasetDict({"train": load_digits_dataset()})
+    splits, dataset_name, dataset_config_name = _source_splits(
+        dataset_name, dataset_config_name, train_dir, validation_dir, cache_dir
+    )
+    if dataset_name == DIGITS_DATASET_NAME:
         train_val_split = DIGITS_VALIDATION_FRACTION
-    elif dataset_name is not None:
-        splits = _load_named_dataset(dataset_name, dataset_config_name, cache_dir)
-    else:
-        if train_dir is None:
-            raise DataError("--validation_dir needs --train_dir as well.")
-        data_files = {}
-        for split, folder, argument in (
-            ("train", train_dir, "train_dir"),
-            ("validation", validation_dir, "validation_dir"),
-        ):
-            if folder is not None:
-                _check_image_folder(folder, argument)
-                data_files[split] = str(Path(folder) / "**")
-        dataset_name, dataset_config_name = f"imagefolder:{train_dir}", None
-        splits = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
-
     if validation_split_name is not None and validation_split_name not in splits and validation_split_name != "train":
         raise DataError(f"The dataset has no split {validation_split_name!r}; available splits: {list(splits)}.")
     if "train" not in splits:
         raise DataError(f"The dataset has no 'train' split; available splits: {list(splits)}.")
-    train = splits["train"]
-    image_column = _resolve_column(train, image_column_name, datasets.Image, "image", "--image_column_name")
-    label_column = _resolve_column(train, label_column_name, datasets.ClassLabel, "label", "--label_column_name")
-
-    held_out = validation_split_name
-    if held_out is None:
-        held_out = next((split for split in ("validation", "test") if split in splits), None)
-    if held_out is not None and held_out != "train":
-        validation = splits[held_out]
-        for column, role, option in (
-            (image_column, "image", "--image_column_name"),
-            (label_column, "label", "--label_column_name"),
-        ):
-            if column not in validation.column_names:
-                raise DataError(
-                    f"The {held_out!r} split has no {role} column {column!r}; available columns: "
-                    f"{validation.column_names}. Pass the right one with {option}."
-                )
-    else:
-        if not 0.0 < train_val_split < 1.0:
-            raise DataError(f"train_val_split must lie in (0, 1), got {train_val_split}.")
-        if not isinstance(train.features[label_column], datasets.ClassLabel):
-            train = train.class_encode_column(label_column)
-        parts = train.train_test_split(
-            test_size=train_val_split, seed=split_seed, stratify_by_column=label_column, shuffle=True
-        )
-        train, validation = parts["train"], parts["test"]
-        held_out = f"train[{train_val_split:.0%} held out, seed {split_seed}]"
-
-    if not isinstance(train.features[label_column], datasets.ClassLabel):
-        # Labels stored as strings or plain integers: encode them once, over both splits, so ids agree.
-        values = set(train[label_column]) | set(validation[label_column])
-        # Integer labels keep their numeric order (so id 2 stays "2", not after "10"); strings sort alphabetically.
-        ordered = sorted(values) if all(isinstance(value, int) for value in values) else sorted(map(str, values))
-        names = [str(value) for value in ordered]
-        class_label = datasets.ClassLabel(names=names)
-
-        def encode(batch: dict) -> dict:
-            return {label_column: [class_label.str2int(str(value)) for value in batch[label_column]]}
-
-        train = train.map(encode, batched=True).cast_column(label_column, class_label)
-        validation = validation.map(encode, batched=True).cast_column(label_column, class_label)
+    image_column = _resolve_column(splits["train"], image_column_name, datasets.Image, "image", "--image_column_name")
+    label_column = _resolve_column(
+        splits["train"], label_column_name, datasets.ClassLabel, "label", "--label_column_name"
+    )
+    columns = ((image_column, "image", "--image_column_name"), (label_column, "label", "--label_column_name"))
+    train, validation, held_out = _held_out_split(splits, validation_split_name, columns, train_val_split, split_seed)
+    train, validation = _encode_labels(train, validation, label_column)
     labels = list(train.features[label_column].names)
 
-    train = train.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
-    validation = validation.select_columns([image_column, label_column]).cast_column(
-        image_column, datasets.Image(decode=False)
+    undecoded = datasets.Image(decode=False)
+    train, validation = (
+        split.select_columns([image_column, label_column]).cast_column(image_column, undecoded)
+        for split in (train, validation)
     )
     for split, dataset in (("train", train), ("validation", validation)):
         if len(dataset) == 0:
@@ -426,19 +347,6 @@ def load_image_classification_data(
     )
 
 
-def decode_image(value: dict | None, description: str) -> Image.Image:
-    """Decode an undecoded `datasets` image (`{"bytes", "path"}`) to RGB, or raise `UnreadableImageError`."""
-    try:
-        if value is None:
-            raise ValueError("no image data")
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-        with Image.open(source) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception as error:  # PIL raises many types for bad files; re-raise one that names the file.
-        raise UnreadableImageError(f"Cannot decode image {description}: {type(error).__name__}: {error}") from error
-
-
 @dataclass
 class ImageClassificationDataset(EpochSeededDataset):
     """A map-style torch dataset: decodes, converts to RGB and transforms images into `pixel_values`, `labels`.
@@ -459,7 +367,7 @@ class ImageClassificationDataset(EpochSeededDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         row = self.dataset[int(index)]
-        image = decode_image(row[self.image_column], _describe_image(row[self.image_column], index, self.split))
+        image = decode_image(row[self.image_column], describe_image(row[self.image_column], index, self.split))
         with self.augmentation(index):
             pixel_values = self.transform(image)
         return {"pixel_values": pixel_values, "labels": row[self.label_column]}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_pvt import PVT_PRESETS, PvtConfig
+from ..configuration_pvt import PVT_PRESETS, PvtConfig
 from .model_facts import (
     PAPER_REPORTED,
     attention_multiply_adds,
@@ -187,6 +187,7 @@ def render_trained_card(
         results=measured,
         run_summary=run_summary,
         auto_class=task.auto_class,
+        pipeline_tag=task.pipeline_tag,
         repo_id=repo_id,
         settings=dict(settings or {}),
         command=command,

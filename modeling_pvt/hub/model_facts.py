@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .configuration_pvt import PvtConfig
+from ..configuration_pvt import PvtConfig
 
 ImageSize = int | Sequence[int]
 
@@ -82,7 +82,7 @@ def _as_hw(image_size: ImageSize) -> tuple[int, int]:
 
 def build_on_meta(config: PvtConfig) -> nn.Module:
     """`PvtForImageClassification(config)` on the `meta` device: shapes only, no memory and no initialisation cost."""
-    from .modeling_pvt import PvtForImageClassification  # late import: the model module imports the whole stack
+    from ..modeling_pvt import PvtForImageClassification  # late import: the model module imports the whole stack
 
     with torch.device("meta"):
         model = PvtForImageClassification(config)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..data import load_image_classification_data
-from .data import DetectionSample
+from .classification import load_image_classification_data
+from .detection import DetectionSample
 
 DIGIT_CATEGORIES = [str(digit) for digit in range(10)]
 DIGITS_DETECTION_DATASET_NAME = "sklearn-digits-canvases"

@@ -11,7 +11,7 @@ Class ids are relabelled as the `mean_iou` metric does (`reduce_labels`: ADE20K'
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from transformers import SegformerImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .data import IMAGE_EXTENSIONS, DataError
-from .metrics.mean_iou.mean_iou import relabel
-from .results import dataset_fields
-from .training import EpochSeededDataset
+from ..hub.results import dataset_fields
+from ..metrics.mean_iou.mean_iou import relabel
+from .sampling import EpochSeededDataset
+from .sources import IMAGE_EXTENSIONS, DataError, load_named_dataset
 
 MASK_COLUMN_CANDIDATES = ("label", "annotation", "mask", "segmentation", "semantic_segmentation")
 
@@ -41,6 +41,9 @@ class SegmentationData:
     dataset_name: str
     dataset_config_name: str | None
     validation_split_name: str
+    skipped_images: int = 0
+    labels: list[str] = field(default_factory=list)
+    """The class names (`class_names`), set by `SegmentationDataArguments.load`."""
 
     @property
     def name(self) -> str:
@@ -48,6 +51,65 @@ class SegmentationData:
 
     def results_fields(self) -> dict:
         return dataset_fields(self.dataset_name, self.dataset_config_name, self.validation_split_name)
+
+
+@dataclass
+class SegmentationDataArguments:
+    """The data options of semantic segmentation, parsed with `transformers.HfArgumentParser`."""
+
+    _argument_group_name = "data"
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A datasets dataset (Hub id or saved folder), e.g. scene_parse_150."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Folder with images/ and masks/ sub-folders."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Folder with images/ and masks/."})
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Fraction of the training data held out when there is no validation split."}
+    )
+    image_column_name: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
+    label_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Mask column of --dataset_name (default: the first of {', '.join(MASK_COLUMN_CANDIDATES)})."
+        },
+    )
+    num_labels: int | None = field(default=None, metadata={"help": "Number of classes (ids 0 .. num_labels - 1)."})
+    labels_file: str | None = field(
+        default=None, metadata={"help": "Class names: JSON list, JSON {id: name} object, or one name a line."}
+    )
+    ignore_index: int = field(default=255, metadata={"help": "Mask value of unlabelled pixels (not scored)."})
+    reduce_labels: bool = field(
+        default=False,
+        metadata={
+            "help": "Mask value 0 is background: make it ignore_index and lower every other id by one (ADE20K)."
+        },
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation pairs."})
+
+    def check(self) -> str | None:
+        """What is wrong with these options together, or None."""
+        if (self.dataset_name is None) == (self.train_dir is None):
+            return "Give exactly one data source: --dataset_name or --train_dir."
+        if self.validation_dir and not self.train_dir:
+            return "--validation_dir goes with --train_dir."
+        if not 0.0 < self.train_val_split < 1.0:
+            return f"--train_val_split must lie in (0, 1), got {self.train_val_split}."
+        if self.num_labels is not None and self.num_labels < 1:
+            return f"--num_labels must be positive, got {self.num_labels}."
+        if self.num_labels is not None and 0 <= self.ignore_index < self.num_labels:
+            return f"--ignore_index {self.ignore_index} is a class id for --num_labels {self.num_labels}."
+        return None
+
+    def load(self, split_seed: int) -> "SegmentationData":
+        """The pairs (`load_segmentation_data`) with their class names (`class_names`)."""
+        names = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_val_split")
+        names += ("image_column_name", "label_column_name", "max_train_samples", "max_eval_samples")
+        data = load_segmentation_data(split_seed=split_seed, **{name: getattr(self, name) for name in names})
+        data.labels = class_names(data.train, self.labels_file, self.num_labels, self.reduce_labels, self.ignore_index)
+        return data
 
 
 def find_image_mask_pairs(folder: str | Path) -> tuple[list[str], list[str]]:
@@ -79,7 +141,7 @@ def folder_dataset(folder: str | Path) -> datasets.Dataset:
 def _named_dataset_splits(
     dataset_name: str, dataset_config_name: str | None, image_column: str, label_column: str | None
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    loaded = datasets.load_dataset(dataset_name, dataset_config_name)
+    loaded = load_named_dataset(dataset_name, dataset_config_name, cache_dir=None)
     if "train" not in loaded:
         raise DataError(f"{dataset_name} has no train split; its splits: {sorted(loaded)}.")
     train = loaded["train"]

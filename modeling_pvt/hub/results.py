@@ -51,6 +51,12 @@ SEMANTIC_SEGMENTATION = Task(
      Metric("eval_mean_accuracy", "mean_accuracy", "Mean class accuracy", required=False),
      Metric("eval_overall_accuracy", "accuracy", "Pixel accuracy", required=False)),
 )  # fmt: skip
+OBJECT_DETECTION = Task(
+    "object-detection", "Object Detection", "AutoModelForObjectDetection",
+    (Metric("eval_map", "map", "mAP (COCO, IoU 0.50:0.95)"),
+     Metric("eval_map_50", "map_50", "mAP@50"),
+     Metric("eval_map_75", "map_75", "mAP@75", required=False)),
+)  # fmt: skip
 
 
 def dataset_fields(dataset_name: str, dataset_config_name: str | None, split: str) -> dict:

@@ -43,8 +43,8 @@ from torchvision.io import ImageReadMode
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as tvf
 
-from .data import UnreadableImageError, _describe_image, decode_image
-from .training import EpochSeededDataset
+from .sampling import EpochSeededDataset
+from .sources import UnreadableImageError, decode_image, describe_image
 
 JPEG_MODES_FOR_THE_DEVICE = frozenset({"RGB", "L"})
 """Colour modes of baseline JPEGs that `DeviceDecoder` hands to nvJPEG; others are decoded on the host."""
@@ -236,7 +236,7 @@ class EncodedImageDataset(EpochSeededDataset):
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[int(index)]
         value = row[self.image_column]
-        description = _describe_image(value, index, self.split)
+        description = describe_image(value, index, self.split)
         data = _read_encoded(value, description)
         header = _open_header(data, description)
         sample = {"labels": row[self.label_column], "descriptions": description}
@@ -561,7 +561,7 @@ class DeviceEvalTransform:
 
 class TransformedBatches:
     """A loader whose batches become `{"pixel_values": transform(batch), "labels": ...}` as they are read: what
-    `modeling_pvt.evaluation.evaluate_classifier` takes, from an `EncodedImageDataset` loader and a
+    `modeling_pvt.tasks.evaluation.evaluate_classifier` takes, from an `EncodedImageDataset` loader and a
     `DeviceEvalTransform`."""
 
     def __init__(self, loader: Iterable, transform: Callable[[dict], torch.Tensor]):

@@ -7,8 +7,7 @@ import torch
 from accelerate import Accelerator
 from transformers.image_transforms import center_to_corners_format
 
-from ..evaluation import evaluation_batches
-from ..results import Metric, Task
+from .evaluation import evaluation_batches
 
 
 def box_xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -80,18 +79,6 @@ class DetectionEvaluator:
     def reset(self) -> None:
         self.metric.reset()
         self.num_images = 0
-
-
-OBJECT_DETECTION = Task(
-    pipeline_tag="object-detection",
-    name="Object Detection",
-    auto_class="AutoModelForObjectDetection",
-    metrics=(
-        Metric("eval_map", "map", "mAP (COCO, IoU 0.50:0.95)"),
-        Metric("eval_map_50", "map_50", "mAP@50"),
-        Metric("eval_map_75", "map_75", "mAP@75", required=False),
-    ),
-)
 
 
 def _to_original_pixels(batch: dict, index: int) -> tuple[float, float]:

@@ -16,9 +16,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from .data import DataError
-from .metrics import load_metric
-from .training import is_compiled
+from ..data.sources import DataError
+from ..metrics import load_metric
+from ..training.launch import is_compiled
 
 logger = get_logger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_pvt import PVT_PRESETS, PvtConfig
+from ..configuration_pvt import PVT_PRESETS, PvtConfig
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def convert_checkpoint(
 ) -> Path:
     """Convert an original checkpoint of PVT-`size` into a `save_pretrained` folder (safetensors weights, config with
     ImageNet-1k labels, image processor) and check that the folder reloads to exactly the converted weights."""
-    from . import PvtForImageClassification, PvtImageProcessor
+    from .. import PvtForImageClassification, PvtImageProcessor
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:

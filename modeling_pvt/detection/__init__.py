@@ -1,1 +1,0 @@
-"""Object detection on PvtBackbone: data, augmentation, evaluation and detector construction."""
