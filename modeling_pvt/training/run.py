@@ -120,16 +120,11 @@ class TrainingTask:
 class EvaluationRecorder:
     """Evaluates the prepared model, logs the scores, and keeps every evaluation's scalars in `history`."""
 
-    def __init__(self, task: TrainingTask, accelerator: Accelerator, model, dataloader, data, lr_scheduler):
-        self.task, self.accelerator, self.model, self.dataloader, self.data = (
-            task,
-            accelerator,
-            model,
-            dataloader,
-            data,
-        )
-        self.lr_scheduler = lr_scheduler
-        self.started = time.perf_counter()
+    def __init__(self, task: TrainingTask, accelerator: Accelerator, model, dataloader, data, lr_scheduler, started):
+        self.task, self.accelerator, self.model = task, accelerator, model
+        self.dataloader, self.data, self.lr_scheduler = dataloader, data, lr_scheduler
+        self.started = started
+        """`time.perf_counter()` when the run started: `elapsed_s` counts from there."""
         self.history: list[dict] = []
 
     def __call__(self, epoch: int, train_loss: float, completed_steps: int) -> dict:
