@@ -407,15 +407,15 @@ def test_train_script_with_the_device_data_path_trains_evaluates_and_resumes_exa
 
     train = load_script("train")
     toy = '{"hidden_sizes": [8, 16, 24, 32], "num_attention_heads": [1, 1, 1, 2], "depths": [1, 1, 1, 1]}'
-    arguments = ["--data_pipeline", "device", "--config_overrides", toy, "--max_train_samples", "64"]
+    arguments = ["--data_pipeline", "device", "--config_overrides", toy, "--max_train_samples", "32"]
     arguments += ["--max_eval_samples", "21", "--per_device_train_batch_size", "8", "--num_train_epochs", "2"]
-    arguments += ["--rand_augment", "rand-m9-mstd0.5-inc1", "--random_erasing", "0.25", "--checkpointing_steps", "4"]
+    arguments += ["--rand_augment", "rand-m9-mstd0.5-inc1", "--random_erasing", "0.25", "--checkpointing_steps", "3"]
     results = {}
     for name, extra in (("uninterrupted", []), ("resumed", ["--resume_from_checkpoint", "latest"])):
         output_dir = tmp_path / name
         if name == "resumed":
-            checkpoint = tmp_path / "uninterrupted" / "checkpoints" / "step_12"
-            shutil.copytree(checkpoint, output_dir / "checkpoints" / "step_12")
+            checkpoint = tmp_path / "uninterrupted" / "checkpoints" / "step_6"
+            shutil.copytree(checkpoint, output_dir / "checkpoints" / "step_6")
         train.main([*arguments, *extra, "--output_dir", str(output_dir)])
         results[name] = json.loads((output_dir / "all_results.json").read_text())
     assert results["uninterrupted"]["eval_samples"] == 21
