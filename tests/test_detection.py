@@ -271,8 +271,8 @@ def test_evaluator_reports_coco_map_per_class():
 
 
 # ------------------------------------------------------------------------------------------------ Mask2Former
-def test_readme_mask2former_example_trains_saves_and_reloads(tmp_path):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_docs_mask2former_example_trains_saves_and_reloads(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "dense_prediction.md").read_text()
     code = readme.split("<!-- mask2former-example -->\n```python\n", 1)[1].split("```", 1)[0]
     check = (
         "\nassert isinstance(model.model.pixel_level_module.encoder, modeling_pvt.PvtBackbone)\n"
