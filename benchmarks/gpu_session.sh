@@ -7,10 +7,18 @@
 # Then through the device tool, one call after the other (the second finds the machine still warm):
 #     run(command="bash benchmarks/gpu_session.sh training", carry=[".whl"], timeout_s=540)
 #     run(command="bash benchmarks/gpu_session.sh model", carry=[".whl"], timeout_s=420)
+# or, for the two data paths (needs train.py's --data_pipeline, see docs/device_data.md), one call on its own:
+#     run(command="bash benchmarks/gpu_session.sh data-paths", carry=[".whl"], timeout_s=540)
 # `training`: scripts/benchmark_training.py --device cuda (loader, model step, train.py end to end with its profile,
 #             eager and compiled) -> $OUT/training_cuda.json, .png, benchmark_training.log
 # `model`:    tests/test_gpu.py, then scripts/benchmark.py --device cuda --compile -> $OUT/test_gpu.log,
 #             results_cuda.json, .png, benchmark.log
+# `data-paths`: tests/test_device_data_gpu.py (nvJPEG against PIL, GPU against CPU augmentation), then
+#             scripts/benchmark_training.py --device cuda for the device and the CPU data path (loader alone, model
+#             step, train.py end to end at batch 256 and 128, eager then compiled) on 4,096 JPEGs written first, in
+#             at most 440 s: the report is written after every row, so a cut-off run keeps the rows it finished
+#             (device path and batch 256 first) -> $OUT/test_device_data_gpu.log, training_cuda_data_paths.json,
+#             .png, benchmark_training_data_paths.log
 # Commit what comes back under benchmarks/ and quote it in the README with the machine it names.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +36,9 @@ wheels)
     ls .whl
     exit 0
     ;;
-training | model) ;;
+training | model | data-paths) ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh wheels|training|model" >&2
+    echo "usage: bash benchmarks/gpu_session.sh wheels|training|model|data-paths" >&2
     exit 2
     ;;
 esac
@@ -45,6 +53,12 @@ datasets.__version__, torch.cuda.get_device_name())" || exit 1
 if [[ "$1" == training ]]; then
     timeout 500 python3 scripts/benchmark_training.py --device cuda --data_dir /tmp/jpegs \
         --output "$OUT/training_cuda.json" 2>&1 | tee "$OUT/benchmark_training.log"
+elif [[ "$1" == data-paths ]]; then
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_data_gpu.py 2>&1 |
+        tee "$OUT/test_device_data_gpu.log"
+    timeout 440 python3 scripts/benchmark_training.py --device cuda --data_dir /tmp/jpegs_4096 --num_images 4096 \
+        --data_paths device cpu --end_to_end_batch_sizes 256 128 --output "$OUT/training_cuda_data_paths.json" 2>&1 |
+        tee "$OUT/benchmark_training_data_paths.log"
 else
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
     timeout 240 python3 scripts/benchmark.py --device cuda --compile --output "$OUT/results_cuda.json" 2>&1 |

@@ -5,13 +5,16 @@ From a generated folder of photo-sized JPEGs (crops of scikit-image's photograph
 costs what it costs on ImageNet), it measures, side by side in one run:
 
 - **loader**: images/s that `train.py`'s data pipeline delivers to the device (decode, the paper recipe's
-  augmentation in worker processes, uint8 batches copied to the device, normalised and erased there);
+  augmentation in worker processes, uint8 batches copied to the device, normalised and erased there); with
+  `--data_paths cpu device` also the device data path's (`modeling_pvt.data.device`: workers read the bytes and draw
+  the parameters, the device decodes and augments);
 - **model step**: images/s of the training step alone on a batch already on the device (`TrainBatchTransform`,
   forward, loss, backward, AdamW), eager and under `torch.compile`;
 - **end to end**: the steady-state images/s that `scripts/train.py` itself reports on that folder over three epochs
   with an evaluation after each, its share of time waiting for data, its longest stall at an epoch boundary, the
   number of graphs torch.compile captured, and its profile of a few steps (`--profile_steps`: a step's wall time,
-  the host's time in each part of it and, on a GPU, the time the GPU was busy).
+  the host's time in each part of it and, on a GPU, the time the GPU was busy); per data path of `--data_paths`
+  (train.py's `--data_pipeline`) and batch size of `--end_to_end_batch_sizes`.
 
 The end-to-end figure can reach neither of the other two: whichever of them is lower is what limits it. On a CPU
 every row computes with the same number of threads (`accelerate launch` alone would give train.py's one process a
@@ -19,6 +22,7 @@ single thread), and the loader's workers share the cores with them in the end-to
 
     python scripts/benchmark_training.py                  # on a CPU: a small run (PVT-tiny, 64 px)
     python scripts/benchmark_training.py --device cuda    # on a GPU: PVT-small, 224 px, bf16, batch 128
+    python scripts/benchmark_training.py --device cuda --data_paths device cpu --end_to_end_batch_sizes 256 128
 
 It writes `benchmarks/training_<device>.json` and a chart `benchmarks/training_<device>.png`.
 """
@@ -48,6 +52,12 @@ from modeling_pvt.data.classification import (
     collate_image_batch,
     load_image_classification_data,
 )
+from modeling_pvt.data.device import (
+    DeviceTrainTransform,
+    EncodedImageDataset,
+    TrainAugmentationSampler,
+    collate_encoded_batch,
+)
 from modeling_pvt.data.sampling import build_train_dataloader
 from modeling_pvt.training.launch import compile_model
 from modeling_pvt.training.optimization import build_optimizer
@@ -56,6 +66,9 @@ from modeling_pvt.training.profiling import PROFILE_DIR_NAME
 logger = logging.getLogger("benchmark_training")
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
+
+DATA_PATHS = ("cpu", "device")
+"""train.py's `--data_pipeline` choices."""
 
 PROFILE_STEPS = 5
 """Steps of each end-to-end run that `train.py --profile_steps` records (after its warm-up; its images/s leave them
@@ -83,6 +96,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, help="Training JPEGs to generate (validation: 1/8 as many).")
     parser.add_argument("--dataloader_num_workers", type=int, help="Data-loader workers.")
     parser.add_argument("--steps", type=int, default=30, help="Timed steps for the loader and the model step.")
+    parser.add_argument("--data_paths", nargs="+", choices=DATA_PATHS, default=["cpu"], help="Data paths to time "
+                        "(loader and end to end), in this order: 'cpu' (decode and augment in workers) and/or "
+                        "'device' (modeling_pvt.data.device).")  # fmt: skip
+    parser.add_argument("--end_to_end_batch_sizes", nargs="+", type=int, help="Batch sizes of the train.py runs, in "
+                        "this order (default: --batch_size).")  # fmt: skip
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="Also time torch.compile "
                         "(auto: on GPUs only; inductor's CPU compile takes minutes on 2 cores).")  # fmt: skip
     parser.add_argument("--data_dir", type=Path, help="Keep the generated JPEGs here (reused when present).")
@@ -95,6 +113,7 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.model_size, args.image_size, args.batch_size, args.num_images, args.steps = "tiny", 32, 4, 32, 3
     args.compile = args.compile == "yes" or (args.compile == "auto" and args.device == "cuda")
+    args.end_to_end_batch_sizes = args.end_to_end_batch_sizes or [args.batch_size]
     args.output = args.output or REPO / "benchmarks" / f"training_{args.device}.json"
     return args
 
@@ -148,17 +167,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_loader(args: argparse.Namespace, train_dir: Path, validation_dir: Path, device: torch.device) -> dict:
-    """Images/s of train.py's pipeline (paper recipe, same transform and loader) delivered normalised on `device`."""
+def time_loader(
+    args: argparse.Namespace, train_dir: Path, validation_dir: Path, device: torch.device, path: str
+) -> dict:
+    """Images/s of train.py's pipeline on data path `path` (paper recipe, same transforms and loader) delivered
+    normalised on `device`: "cpu" decodes and augments in the workers, "device" on `device`."""
     data = load_image_classification_data(
         train_dir=str(train_dir), validation_dir=str(validation_dir), check_images="none"
     )
     processor = PvtImageProcessor()
-    dataset = ImageClassificationDataset(
-        data.train, data.image_column, data.label_column, build_train_transform(args.image_size), "train", 0
-    )
-    loader = build_train_dataloader(dataset, args.batch_size, 0, collate_image_batch, args.dataloader_num_workers)
-    batch_transform = TrainBatchTransform(processor.image_mean, processor.image_std, 0.25, device)
+    if path == "device":
+        sampler = TrainAugmentationSampler(args.image_size, mean=processor.image_mean)
+        dataset = EncodedImageDataset(data.train, data.image_column, data.label_column, "train", sampler, 0)
+        loader = build_train_dataloader(
+            dataset, args.batch_size, 0, collate_encoded_batch, args.dataloader_num_workers
+        )
+        deliver = DeviceTrainTransform(sampler, processor.image_mean, processor.image_std, device)
+    else:
+        dataset = ImageClassificationDataset(
+            data.train, data.image_column, data.label_column, build_train_transform(args.image_size), "train", 0
+        )
+        loader = build_train_dataloader(dataset, args.batch_size, 0, collate_image_batch, args.dataloader_num_workers)
+        batch_transform = TrainBatchTransform(processor.image_mean, processor.image_std, 0.25, device)
+
+        def deliver(batch: dict) -> torch.Tensor:
+            return batch_transform(batch["pixel_values"].to(device, non_blocking=True))
+
     warmup = min(3, len(loader) // 2)
     delivered, started = 0, None
     epoch = 0
@@ -166,7 +200,7 @@ def time_loader(args: argparse.Namespace, train_dir: Path, validation_dir: Path,
         dataset.set_epoch(epoch)
         loader.sampler.set_epoch(epoch)
         for index, batch in enumerate(loader):
-            pixel_values = batch_transform(batch["pixel_values"].to(device, non_blocking=True))
+            pixel_values = deliver(batch)
             if started is None and index + 1 == warmup:
                 synchronize(device)
                 started = time.perf_counter()
@@ -216,8 +250,16 @@ def time_model_step(args: argparse.Namespace, device: torch.device, batch_size: 
     }
 
 
-def time_train_script(args: argparse.Namespace, train_dir: Path, validation_dir: Path, backend: str | None) -> dict:
-    """Run `scripts/train.py` (one process, the paper recipe, 3 epochs) and return what it measured of itself."""
+def time_train_script(
+    args: argparse.Namespace,
+    train_dir: Path,
+    validation_dir: Path,
+    backend: str | None,
+    batch_size: int,
+    path: str,
+) -> dict:
+    """Run `scripts/train.py` (one process, the paper recipe, 3 epochs, `--data_pipeline path`) and return what it
+    measured of itself."""
     with tempfile.TemporaryDirectory() as output_dir:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
         command += ["--mixed_precision", "bf16" if args.device == "cuda" else "no", "--dynamo_backend", "no"]
@@ -226,9 +268,11 @@ def time_train_script(args: argparse.Namespace, train_dir: Path, validation_dir:
         command += [str(REPO / "scripts" / "train.py"), "--output_dir", output_dir, "--image_check", "none"]
         command += ["--train_dir", str(train_dir), "--validation_dir", str(validation_dir)]
         command += ["--model_size", args.model_size, "--image_size", str(args.image_size), "--num_train_epochs", "3"]
-        command += ["--per_device_train_batch_size", str(args.batch_size)]
+        command += ["--per_device_train_batch_size", str(batch_size)]
         command += ["--dataloader_num_workers", str(args.dataloader_num_workers)]
-        command += ["--per_device_eval_batch_size", str(args.batch_size), "--profile_steps", str(PROFILE_STEPS)]
+        command += ["--per_device_eval_batch_size", str(batch_size), "--profile_steps", str(PROFILE_STEPS)]
+        if path != "cpu":  # the default: the command of the runs measured before the option existed
+            command += ["--data_pipeline", path]
         if backend:
             command += ["--torch_compile", "--torch_compile_backend", backend]
         environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -247,6 +291,11 @@ def time_train_script(args: argparse.Namespace, train_dir: Path, validation_dir:
         "wall_seconds": time.perf_counter() - started,
         "profile": profile,
     }
+
+
+def _path_suffix(path: str) -> str:
+    """Row names of the CPU data path keep the names they had before there was another."""
+    return "" if path == "cpu" else f", {path} data path"
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -283,10 +332,9 @@ def main() -> None:
             "load_average_at_start": os.getloadavg()[0],
         },
         "setup": {
-            **{
-                name: getattr(args, name)
-                for name in ("model_size", "image_size", "batch_size", "dataloader_num_workers")
-            },
+            **{name: getattr(args, name) for name in DEFAULTS["cpu"] if name != "num_images"},
+            "data_paths": args.data_paths,
+            "end_to_end_batch_sizes": args.end_to_end_batch_sizes,
             "torch_threads": torch.get_num_threads(),
         },
         "rows": {},
@@ -295,14 +343,21 @@ def main() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         folders = prepare_folders(args, Path(scratch))
-        measurements = {"data loader alone": functools.partial(time_loader, args, *folders, device)}
+        measurements = {
+            "data loader alone" + _path_suffix(path): functools.partial(time_loader, args, *folders, device, path)
+            for path in args.data_paths
+        }
         for backend in backends:  # eager first: a run stopped by a time limit still has the eager rows
             mode = "compiled" if backend else "eager"
             for batch_size in (args.batch_size, 2 * args.batch_size):
                 name = f"model step alone, {mode}, batch {batch_size}"
                 measurements[name] = functools.partial(time_model_step, args, device, batch_size, backend)
-            name = f"train.py end to end, {mode}"
-            measurements[name] = functools.partial(time_train_script, args, *folders, backend)
+            for path in args.data_paths:
+                for batch_size in args.end_to_end_batch_sizes:
+                    name = f"train.py end to end, {mode}" + _path_suffix(path)
+                    name += f", batch {batch_size}" if batch_size != args.batch_size else ""
+                    measure = functools.partial(time_train_script, args, *folders, backend, batch_size, path)
+                    measurements[name] = measure
         for name, measure in measurements.items():
             report["rows"][name] = measure()
             logger.info(f"{name}: {report['rows'][name]}")

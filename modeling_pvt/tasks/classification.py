@@ -24,6 +24,14 @@ from ..data.classification import (
     build_train_transform,
     collate_image_batch,
 )
+from ..data.device import (
+    DeviceEvalTransform,
+    DeviceTrainTransform,
+    EncodedImageDataset,
+    TrainAugmentationSampler,
+    TransformedBatches,
+    collate_encoded_batch,
+)
 from ..hub.model_card import render_trained_card
 from ..hub.results import IMAGE_CLASSIFICATION
 from ..image_processing_pvt import PvtImageProcessor
@@ -113,6 +121,13 @@ class ClassificationArguments:
         default=None, metadata={"help": "Smallest area fraction of random crops [recipe]."}
     )
     horizontal_flip: float | None = field(default=None, metadata={"help": "Horizontal flip probability [recipe]."})
+    data_pipeline: Literal["cpu", "device"] = field(
+        default="cpu",
+        metadata={
+            "help": "Where images are decoded and augmented: 'cpu' (PIL and timm in the loader's workers) or 'device' "
+            "(workers read bytes; nvJPEG and tensor ops on the training device, see docs/device_data.md)."
+        },
+    )
     eval_crop_pct: float | None = field(
         default=None, metadata={"help": "Centre-crop fraction at evaluation [recipe]."}
     )
@@ -234,27 +249,43 @@ class ClassificationTask(TrainingTask):
         return model, self.image_processor
 
     def build_datasets(self, data: ImageClassificationData, processor) -> TaskDatasets:
-        model_args = self.model_args
+        model_args, columns = self.model_args, (data.image_column, data.label_column)
+        if model_args.data_pipeline == "device":
+            self.augmentation_sampler = TrainAugmentationSampler(
+                model_args.image_size,
+                rand_augment=model_args.rand_augment,
+                crop_scale=(model_args.min_crop_scale, 1.0),
+                horizontal_flip=model_args.horizontal_flip,
+                random_erasing=model_args.random_erasing,
+                mean=processor.image_mean,
+            )
+            return TaskDatasets(
+                train=EncodedImageDataset(data.train, *columns, "train", self.augmentation_sampler, self.args.seed),
+                validation=EncodedImageDataset(data.validation, *columns, "validation"),
+                train_collate=collate_encoded_batch,
+                eval_collate=collate_encoded_batch,
+            )
         train_transform = build_train_transform(
             model_args.image_size,
             rand_augment=model_args.rand_augment,
             crop_scale=(model_args.min_crop_scale, 1.0),
             horizontal_flip=model_args.horizontal_flip,
         )
+        eval_transform = build_processor_transform(processor)
         return TaskDatasets(
-            train=ImageClassificationDataset(
-                data.train, data.image_column, data.label_column, train_transform, "train", self.args.seed
-            ),
-            validation=ImageClassificationDataset(
-                data.validation,
-                data.image_column,
-                data.label_column,
-                build_processor_transform(processor),
-                "validation",
-            ),
+            train=ImageClassificationDataset(data.train, *columns, train_transform, "train", self.args.seed),
+            validation=ImageClassificationDataset(data.validation, *columns, eval_transform, "validation"),
             train_collate=collate_image_batch,
             eval_collate=collate_image_batch,
         )
+
+    def batch_pixels(self, accelerator: Accelerator):
+        """The training batch's pixels on the device: normalised, augmented as far as the workers did not."""
+        mean, std = self.image_processor.image_mean, self.image_processor.image_std
+        if self.model_args.data_pipeline == "device":
+            return DeviceTrainTransform(self.augmentation_sampler, mean, std, accelerator.device)
+        batch_transform = TrainBatchTransform(mean, std, self.model_args.random_erasing, accelerator.device)
+        return lambda batch: batch_transform(batch["pixel_values"])
 
     def prepare(self, accelerator: Accelerator, global_batch_size: int) -> None:
         if self.args.learning_rate is None:  # the paper's rule
@@ -265,15 +296,10 @@ class ClassificationTask(TrainingTask):
 
     def build_loss(self, accelerator: Accelerator, model: torch.nn.Module, data: ImageClassificationData):
         mixup, criterion = build_criterion(self.model_args, len(data.labels))
-        batch_transform = TrainBatchTransform(
-            self.image_processor.image_mean,
-            self.image_processor.image_std,
-            self.model_args.random_erasing,
-            accelerator.device,
-        )
+        batch_pixels = self.batch_pixels(accelerator)
 
         def compute_loss(batch: dict) -> torch.Tensor:
-            pixel_values, targets = batch_transform(batch["pixel_values"]), batch["labels"]
+            pixel_values, targets = batch_pixels(batch), batch["labels"]
             if mixup is not None:
                 pixel_values, targets = mixup(pixel_values, targets)
             return criterion(model(pixel_values=pixel_values).logits.float(), targets)
@@ -281,6 +307,9 @@ class ClassificationTask(TrainingTask):
         return compute_loss
 
     def evaluate(self, accelerator: Accelerator, model: torch.nn.Module, dataloader, data) -> dict:
+        if self.model_args.data_pipeline == "device":
+            transform = DeviceEvalTransform.from_image_processor(self.image_processor, accelerator.device)
+            dataloader = TransformedBatches(dataloader, transform)
         return evaluate_classifier(accelerator, model, dataloader)
 
     def describe_scores(self, scores: dict) -> str:

@@ -105,22 +105,38 @@ def write_step_profile(profiler: torch.profiler.profile, folder: Path, process_i
     """Write what `profiler` recorded of `steps` optimizer steps to `folder`: the Chrome trace (`trace_rankN.json`,
     for chrome://tracing or Perfetto), the operators by time (`operators_rankN.txt`) and where a step's time went
     (`steps_rankN.json`, also returned): the wall time of a step, the host's time in each of `STEP_PHASES` and, on
-    a GPU, the time the GPU was busy. A step that takes much longer than the GPU was busy waits on the host."""
+    a GPU, the time the GPU was busy. A step that takes much longer than the GPU was busy waits on the host.
+
+    Times are read from the host's events only: a GPU trace repeats each label (`ProfilerStep#N`, the phases) as a
+    device-side annotation without host time. A trace without host step labels takes the step's wall time from the
+    span of all its events; `device_busy_fraction` is None when a step's wall time is zero."""
     folder.mkdir(parents=True, exist_ok=True)
     profiler.export_chrome_trace(str(folder / f"trace_rank{process_index}.json"))
-    averages = profiler.key_averages()
-    on_gpu = any(event.device_type == torch.autograd.DeviceType.CUDA for event in profiler.events())
-    table = averages.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=40)
+    events = profiler.events()
+    on_gpu = any(event.device_type == torch.autograd.DeviceType.CUDA for event in events)
+    table = profiler.key_averages().table(
+        sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=40
+    )
     (folder / f"operators_rank{process_index}.txt").write_text(table + "\n")
-    milliseconds = {event.key: event.cpu_time_total / 1e3 / steps for event in averages}
+    host_microseconds: dict[str, float] = {}
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU:
+            host_microseconds[event.key] = host_microseconds.get(event.key, 0.0) + event.time_range.elapsed_us()
+    step_microseconds = sum(value for key, value in host_microseconds.items() if key.startswith("ProfilerStep"))
+    if not step_microseconds and events:
+        step_microseconds = max(event.time_range.end for event in events) - min(
+            event.time_range.start for event in events
+        )
     summary = {
         "steps": steps,
-        "step_ms": sum(value for key, value in milliseconds.items() if key.startswith("ProfilerStep")),
-        "host_ms_per_step": {phase: milliseconds.get(phase, 0.0) for phase in STEP_PHASES},
+        "step_ms": step_microseconds / 1e3 / steps,
+        "host_ms_per_step": {phase: host_microseconds.get(phase, 0.0) / 1e3 / steps for phase in STEP_PHASES},
     }
     if on_gpu:
-        summary["device_busy_ms_per_step"] = device_busy_seconds(profiler.events()) * 1e3 / steps
-        summary["device_busy_fraction"] = summary["device_busy_ms_per_step"] / summary["step_ms"]
+        summary["device_busy_ms_per_step"] = device_busy_seconds(events) * 1e3 / steps
+        summary["device_busy_fraction"] = (
+            summary["device_busy_ms_per_step"] / summary["step_ms"] if summary["step_ms"] > 0 else None
+        )
     (folder / f"steps_rank{process_index}.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(f"profile of {steps} steps in {folder}: {json.dumps(summary)}", main_process_only=False)
     return summary
