@@ -7,7 +7,7 @@
 # Then through the device tool, one call after the other (the second finds the machine still warm):
 #     run(command="bash benchmarks/gpu_session.sh training", carry=[".whl"], timeout_s=540)
 #     run(command="bash benchmarks/gpu_session.sh model", carry=[".whl"], timeout_s=420)
-# or, for the two data paths (needs train.py's --data_pipeline, see docs/device_data.md), one call on its own:
+# or, for the two data paths (train.py --data_pipeline cpu|device, see docs/device_data.md), one call on its own:
 #     run(command="bash benchmarks/gpu_session.sh data-paths", carry=[".whl"], timeout_s=540)
 # `training`: scripts/benchmark_training.py --device cuda (loader, model step, train.py end to end with its profile,
 #             eager and compiled) -> $OUT/training_cuda.json, .png, benchmark_training.log
