@@ -37,7 +37,7 @@ def first_layer(model: PvtForImageClassification):
 
 
 @needs_onednn
-@pytest.mark.parametrize("route", ["fused", "fused_token_blocks"])
+@pytest.mark.parametrize("route", ["fused", "fused_token_blocks", "fused_packed"])
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_inference_routes_match_the_reference_code(tiny_config, route, qkv_bias, monkeypatch):
     tiny_config.qkv_bias = qkv_bias
@@ -52,6 +52,18 @@ def test_inference_routes_match_the_reference_code(tiny_config, route, qkv_bias,
                 expected = cpu_acceleration.ROUTES["reference"](layer, hidden_states, height, width)
                 actual = cpu_acceleration.ROUTES[route](layer, hidden_states, height, width)
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_packed_weights_follow_in_place_updates_of_the_weights(tiny_config):
+    layer, hidden_states, height, width = first_layer(build(tiny_config))
+    other = build(tiny_config)  # other random weights, loaded in place as a checkpoint would be
+    route, reference = cpu_acceleration.ROUTES["fused_packed"], cpu_acceleration.ROUTES["reference"]
+    with torch.no_grad():
+        route(layer, hidden_states, height, width)  # packs the current weights
+        layer.load_state_dict(first_layer(other)[0].state_dict())
+        expected = reference(layer, hidden_states, height, width)
+        torch.testing.assert_close(route(layer, hidden_states, height, width), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_token_blocks_cover_every_token_once():
@@ -199,7 +211,7 @@ def test_only_inference_is_measured_and_accelerated(tiny_config, monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("route", ["reference", "fused", "fused_token_blocks"])
+@pytest.mark.parametrize("route", ["reference", "fused", "fused_token_blocks", "fused_packed"])
 def test_repeated_forwards_are_identical_from_the_first_call(tiny_config, route, monkeypatch):
     """Whatever route the measurement keeps, every call gives its output, the measuring call included."""
     monkeypatch.setattr(cpu_acceleration, "choose_route", lambda seconds: route)
