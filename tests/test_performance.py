@@ -66,6 +66,18 @@ def test_packed_weights_follow_in_place_updates_of_the_weights(tiny_config):
         torch.testing.assert_close(route(layer, hidden_states, height, width), expected, atol=1e-5, rtol=1e-5)
 
 
+@needs_onednn
+@pytest.mark.parametrize("route", ["fused", "fused_packed"])
+def test_blocked_weights_are_kept_only_for_the_packed_route(tiny_config, route, monkeypatch):
+    monkeypatch.setattr(cpu_acceleration, "choose_route", lambda seconds: route)
+    layer, hidden_states, height, width = first_layer(build(tiny_config))
+    with torch.no_grad():
+        layer(hidden_states, height, width)  # measures every route, the packed one included
+    projections = cpu_acceleration._projections(layer)
+    kept = [projection.weight in cpu_acceleration._packed_weights for projection in projections]
+    assert kept == [route == "fused_packed"] * len(projections)
+
+
 def test_token_blocks_cover_every_token_once():
     for batch_size, num_tokens, per_block in [(3, 10, 4), (3, 10, 25), (2, 7, 7), (1, 5, 1)]:
         seen = torch.zeros(batch_size, num_tokens, dtype=torch.int)
