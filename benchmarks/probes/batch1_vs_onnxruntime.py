@@ -3,7 +3,8 @@
 
     python benchmarks/probes/batch1_vs_onnxruntime.py > benchmarks/probes/batch1_vs_onnxruntime.log
 
-Prints: the alternating-round timing (median ratio and its spread); PyTorch's profile by operator (self CPU time,
+Prints: the alternating-round timing (median ratio and its spread); the route the CPU acceleration kept for each
+layer shape, with every route's median time in its measurement; PyTorch's profile by operator (self CPU time,
 calls) and per stage; ONNX Runtime's own profile by node type; the share of PyTorch's wall time the operators do
 not account for (Python and dispatch between kernels).
 """
@@ -18,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from modeling_pvt import PvtConfig, PvtForImageClassification
+from modeling_pvt import PvtConfig, PvtForImageClassification, cpu_acceleration
 from modeling_pvt.onnx_export import export_program
 from modeling_pvt.runtime import configure_allocator, describe_machine
 
@@ -123,6 +124,10 @@ def main() -> None:
             f"{name} / onnxruntime time: median {statistics.median(ratios):.2f} (rounds {min(ratios):.2f}-"
             f"{max(ratios):.2f})"
         )
+
+    print("\nRoute kept per layer shape (hidden, heads, reduction, mlp, batch, log2 tokens) and route medians (ms):")
+    for key, (route, medians) in cpu_acceleration.measured_routes.items():
+        print(f"{key}: {route:20s}", " ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in medians.items()))
 
     rows, wall = torch_profile(ours, args.calls)
     kernel_ms = sum(ms for _, ms, _ in rows)
