@@ -12,7 +12,10 @@ stock uses that epsilon everywhere), checks that they compute the same function,
 process (warm-up, then rounds that rotate which model goes first) and reports the median of the per-round ratios,
 so that a slow spell of the machine hits both sides of a ratio. On a CPU three models are timed: stock, ours, and
 ours with its CPU acceleration switched off (`set_cpu_acceleration(False)`, "straightforward"), so the
-acceleration's own effect is a row too. The process follows the allocator settings we document
+acceleration's own effect is a row too; where onnxruntime and onnxscript are installed (the `onnx` extra), a fourth
+is our model exported to ONNX (`modeling_pvt.onnx_export`, symbolic batch and size) and run by ONNX Runtime on the
+same number of threads, in the eval and 800x1216 rows. ONNX Runtime picks its instruction set itself: the AVX2 caps
+below do not reach it. The process follows the allocator settings we document
 (`modeling_pvt.runtime.configure_allocator()`) for every model, so no ratio comes from the allocator alone. Rows:
 
 * eval throughput at 224x224, batch 1 and 16, PVT-tiny and PVT-small;
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -67,6 +71,7 @@ TARGETS = {
     "detection_memory_ratio": 0.3,
     "mfu_eval_224_b16": 0.75,
     "mfu_training_step": 0.55,
+    "at_least_onnxruntime": 1.0,
 }
 # Largest |ours - stock| logit difference accepted as "the same function" (fp32 on CPU, fp32 parity pass on GPU).
 PARITY_TOLERANCE = 1e-4
@@ -176,14 +181,83 @@ def build_models(preset: str, image_size: int | tuple[int, int], device: str) ->
     return models
 
 
-def check_models(name: str, models: dict[str, torch.nn.Module], pixel_values: torch.Tensor) -> dict:
-    """Every model computes stock's logits (float32, before any of them moves to the benchmark's dtype)."""
+def check_models(
+    name: str,
+    models: dict[str, torch.nn.Module],
+    pixel_values: torch.Tensor,
+    graphs: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> dict:
+    """Every model, and every graph (a function from pixel values to logits, e.g. an ONNX Runtime session), computes
+    stock's logits (float32, before any of them moves to the benchmark's dtype)."""
     differences = {
         model: logits_difference(models[model].eval(), models["stock"].eval(), pixel_values)
         for model in models
         if model != "stock"
     }
-    return check_parity(name, max(differences.values()))
+    with torch.inference_mode():
+        stock_logits = models["stock"](pixel_values).logits
+    for graph_name, graph in (graphs or {}).items():
+        differences[graph_name] = (graph(pixel_values) - stock_logits).abs().max().item()
+    return {**check_parity(name, max(differences.values())), "per_model": differences}
+
+
+def onnxruntime_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript"))
+
+
+# per (preset, image size of the config): the ONNX Runtime session of our model's export (one export serves every
+# batch and input size; models built for the same preset and size share their seed, so their weights)
+_onnx_sessions: dict[tuple, object] = {}
+
+
+def onnxruntime_session(model: PvtForImageClassification, key: tuple):
+    """An ONNX Runtime session running `model`'s ONNX export on as many threads as PyTorch uses here."""
+    if key not in _onnx_sessions:
+        import onnxruntime
+
+        from modeling_pvt.onnx_export import export_program
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        model_bytes = export_program(model).model_proto.SerializeToString()
+        _onnx_sessions[key] = onnxruntime.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return _onnx_sessions[key]
+
+
+def onnxruntime_graphs(
+    models: dict[str, torch.nn.Module], preset: str, image_size: int | tuple[int, int], device: str
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """`{"onnxruntime": pixel values -> logits}` on a CPU where onnxruntime is installed, else nothing."""
+    if device != "cpu" or not onnxruntime_available():
+        return {}
+    session = onnxruntime_session(models["ours"], (preset, image_size))
+
+    def logits(pixel_values: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(["logits"], {"pixel_values": pixel_values.numpy()})[0])
+
+    return {"onnxruntime": logits}
+
+
+def onnxruntime_description() -> dict:
+    """ONNX Runtime's version and the instruction sets its CPU kernels (MLAS) can use here: it chooses them from the
+    CPU itself, whatever PyTorch's, MKL's or oneDNN's caps say."""
+    if not onnxruntime_available():
+        return {}
+    import onnxruntime
+
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next((set(line.split()[2:]) for line in cpuinfo.open() if line.startswith("flags")), set())
+    return {
+        "onnxruntime": onnxruntime.__version__,
+        "cpu_flags_avx": sorted(flag for flag in flags if flag.startswith(("avx", "fma", "amx"))),
+    }
+
+
+def graph_function(graph: Callable[[torch.Tensor], torch.Tensor], pixel_values: torch.Tensor) -> Callable[[], object]:
+    return lambda: graph(pixel_values)
 
 
 def logits_difference(ours: torch.nn.Module, stock: torch.nn.Module, pixel_values: torch.Tensor) -> float:
@@ -331,6 +405,8 @@ def ratios_to_stock(times: dict[str, list[float]]) -> dict:
     pairs = {f"{model}_vs_stock": ("stock", model) for model in times if model != "stock" and "gemm" not in model}
     if "ours_straightforward" in times:
         pairs["ours_vs_straightforward"] = ("ours_straightforward", "ours")
+    if "onnxruntime" in times:
+        pairs["ours_vs_onnxruntime"] = ("onnxruntime", "ours")
     per_round = {name: [n / d for n, d in zip(times[slow], times[fast])] for name, (slow, fast) in pairs.items()}
     return {
         **{name: statistics.median(ratios) for name, ratios in per_round.items()},
@@ -340,12 +416,14 @@ def ratios_to_stock(times: dict[str, list[float]]) -> dict:
 
 def run_eval_row(preset: str, batch: int, plan: Plan, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
     models = build_models(preset, plan.image_size, device)
+    graphs = onnxruntime_graphs(models, preset, plan.image_size, device)
     pixel_values = torch.randn(batch, 3, plan.image_size, plan.image_size)
-    parity = check_models(f"eval {preset} b{batch}", models, pixel_values)
+    parity = check_models(f"eval {preset} b{batch}", models, pixel_values, graphs)
     models = {name: model.to(device=device, dtype=dtype) for name, model in models.items()}
     pixel_values = pixel_values.to(device=device, dtype=dtype)
     gemms, gemm_flops = gemm_functions(plan.gemm_size, device, dtype)
     functions = {name: eval_function(model, pixel_values) for name, model in models.items()}
+    functions.update({name: graph_function(graph, pixel_values) for name, graph in graphs.items()})
     timing = time_interleaved({**functions, **gemms}, plan, device, f"eval {preset} b{batch}")
     times = timing.times
     rates = gemm_rates(times, gemm_flops)
@@ -355,9 +433,9 @@ def run_eval_row(preset: str, batch: int, plan: Plan, device: str, dtype: torch.
         "case": f"eval {preset} {plan.image_size}x{plan.image_size} batch {batch}",
         "preset": preset,
         "batch": batch,
-        "images_per_s": {model: batch / statistics.median(times[model]) for model in models},
-        "mfu": {model: flops_per_image * batch / statistics.median(times[model]) / gemm_rate for model in models},
-        **ratios_to_stock({model: times[model] for model in models}),
+        "images_per_s": {model: batch / statistics.median(times[model]) for model in functions},
+        "mfu": {model: flops_per_image * batch / statistics.median(times[model]) / gemm_rate for model in functions},
+        **ratios_to_stock({model: times[model] for model in functions}),
         "gemm_flops_per_s": gemm_rate,
         "gemm_flops_per_s_by_kernel": rates,
         "timing": timing.summary(),
@@ -367,11 +445,13 @@ def run_eval_row(preset: str, batch: int, plan: Plan, device: str, dtype: torch.
 
 def run_detection_row(plan: Plan, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
     models = build_models(plan.detection_preset, plan.detection_size, device)
+    graphs = onnxruntime_graphs(models, plan.detection_preset, plan.detection_size, device)
     pixel_values = torch.randn(1, 3, *plan.detection_size)
-    parity = check_models("detection size", models, pixel_values)
+    parity = check_models("detection size", models, pixel_values, graphs)
     models = {name: model.to(device=device, dtype=dtype) for name, model in models.items()}
     pixel_values = pixel_values.to(device=device, dtype=dtype)
     functions = {name: eval_function(model, pixel_values) for name, model in models.items()}
+    functions.update({name: graph_function(graph, pixel_values) for name, graph in graphs.items()})
     timing = time_interleaved(functions, plan, device, "detection size")
     height, width = plan.detection_size
     row = {
@@ -739,6 +819,10 @@ def evaluate_targets(results: dict) -> list[dict]:
     add("detection_memory_ratio", results["memory"]["ratio"], f"{detection} peak forward memory, ours/stock")
     add("mfu_eval_224_b16", mfu_row["mfu"]["ours"], f"MFU, {size} batch {plan['mfu_batch']} eval")
     add("mfu_training_step", results["training"]["mfu"]["ours"], f"MFU, training step batch {plan['train_batch']}")
+    onnx_rows = [row for row in rows if "ours_vs_onnxruntime" in row]
+    if onnx_rows:
+        slowest = min(onnx_rows, key=lambda row: row["ours_vs_onnxruntime"])
+        add("at_least_onnxruntime", slowest["ours_vs_onnxruntime"], f"slowest row vs ONNX Runtime ({slowest['case']})")
     return targets
 
 
@@ -763,6 +847,7 @@ def markdown_table(results: dict) -> str:
     )
     size = results["plan"]["gemm_size"]
     three = "ours_straightforward" in results["training"]["step_s"]
+    onnx = any("onnxruntime" in row["images_per_s"] for row in results["eval"])
     lines = [
         f"Measured {results['finished']} on {machine_label(machine)}, torch {machine['torch']}, transformers "
         f"{machine['transformers']}, {results['dtype'].removeprefix('torch.')}, allocator settings as documented for "
@@ -773,8 +858,12 @@ def markdown_table(results: dict) -> str:
         f"which other processes used more than {results['plan']['max_foreign_load']:.0%} of the CPUs were repeated).",
         "",
         "| Case | stock transformers | modeling_pvt | "
-        + ("ours, acceleration off | ours vs stock | ours vs acceleration off |" if three else "ours vs stock |"),
-        "|---|---:|---:|" + ("---:|---:|---:|" if three else "---:|"),
+        + ("ours, acceleration off | " if three else "")
+        + ("ONNX Runtime (our export) | " if onnx else "")
+        + "ours vs stock |"
+        + (" ours vs acceleration off |" if three else "")
+        + (" ours vs ONNX Runtime |" if onnx else ""),
+        "|---|---:|---:|" + "---:|" * (1 + 2 * three + 2 * onnx),
     ]
 
     def ratio(row: dict, name: str) -> str:
@@ -785,11 +874,11 @@ def markdown_table(results: dict) -> str:
         ratios = [ratio(row, "ours_vs_stock")]
         if three:
             ratios.append(ratio(row, "ours_vs_straightforward"))
-        else:
-            values = values[:2]
+        if onnx:
+            ratios.append(ratio(row, "ours_vs_onnxruntime") if "ours_vs_onnxruntime" in row else "")
         lines.append(f"| {case} | " + " | ".join(values + ratios) + " |")
 
-    models = ("stock", "ours", "ours_straightforward")
+    models = ("stock", "ours") + ("ours_straightforward",) * three + ("onnxruntime",) * onnx
     for row in results["eval"]:
         line(
             row["case"],
@@ -800,19 +889,23 @@ def markdown_table(results: dict) -> str:
             row,
         )
     detection = results["detection"]
-    line(detection["case"], [f"{detection['latency_s'].get(m, 0) * 1000:.0f} ms" for m in models], detection)
+    latency = detection["latency_s"]
+    line(detection["case"], [f"{latency[m] * 1000:.0f} ms" if m in latency else "" for m in models], detection)
     memory = results["memory"]
     peaks = memory["peak_mib"]
     lines.append(
         f"| {memory['case']} (first forward / next) | "
-        + " | ".join(f"{peaks[m]['first']:.0f} / {peaks[m]['next']:.0f} MiB" for m in models if m in peaks)
+        + " | ".join(f"{peaks[m]['first']:.0f} / {peaks[m]['next']:.0f} MiB" if m in peaks else "" for m in models)
         + f" | {memory['ratio']:.2f}x memory |"
-        + (" |" if three else "")
+        + " |" * (three + onnx)
     )
     training = results["training"]
     line(
         training["case"],
-        [f"{training['step_s'].get(m, 0) * 1000:.0f} ms (MFU {training['mfu'].get(m, 0):.0%})" for m in models],
+        [
+            f"{training['step_s'][m] * 1000:.0f} ms (MFU {training['mfu'][m]:.0%})" if m in training["step_s"] else ""
+            for m in models
+        ],
         training,
     )
     if results.get("compile"):
@@ -851,17 +944,19 @@ def write_chart(results: dict, path: Path) -> None:
             ("acceleration off vs stock", "ours_straightforward_vs_stock", "#DD8452"),
             ("ours vs acceleration off", "ours_vs_straightforward", "#55A868"),
         ]
+    if any("ours_vs_onnxruntime" in row for row in rows):
+        series.append(("ours vs ONNX Runtime", "ours_vs_onnxruntime", "#C44E52"))
     figure, (speed_axis, mfu_axis) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1.3]})
     width = 0.8 / len(series)
     for index, (label, key, colour) in enumerate(series):
         positions = [position + (index - (len(series) - 1) / 2) * width for position in range(len(rows))]
-        bars = speed_axis.bar(positions, [row[key] for row in rows], width, label=label, color=colour)
+        bars = speed_axis.bar(positions, [row.get(key, 0.0) for row in rows], width, label=label, color=colour)
         speed_axis.bar_label(bars, fmt="%.2f", fontsize=6)
     speed_axis.axhline(1.0, color="black", linewidth=0.8)
     speed_axis.set_xticks(range(len(rows)), labels, fontsize=8)
     speed_axis.set_ylabel("speed ratio (x)")
     speed_axis.legend(fontsize=7)
-    speed_axis.set_title("modeling_pvt vs transformers' PVT, same weights, same allocator settings")
+    speed_axis.set_title("modeling_pvt vs transformers' PVT (and ONNX Runtime), same weights, same allocator settings")
 
     mfu_row = next(row for row in results["eval"] if row["batch"] == results["plan"]["mfu_batch"])
     mfu_labels, mfu_values = [], []
@@ -927,7 +1022,7 @@ def main(argv: list[str] | None = None) -> dict:
         return run_detector_benchmark(args, device, dtype, plan)
 
     results: dict = {
-        "machine": describe_machine(device, ("modeling_pvt", "scripts/benchmark.py")),
+        "machine": describe_machine(device, ("modeling_pvt", "scripts/benchmark.py")) | onnxruntime_description(),
         "load_average": {"start": [round(value, 2) for value in os.getloadavg()]},
         "allocator": allocator_settings(),
         "plan": plan.__dict__,

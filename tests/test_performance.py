@@ -2,6 +2,7 @@
 float32 rounding; the predicate steps aside wherever a route was not measured for or would change behaviour; the
 measurement picks a route only when it is faster. Timing itself is the benchmark's job (scripts/benchmark.py)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def first_layer(model: PvtForImageClassification):
 
 
 @needs_onednn
-@pytest.mark.parametrize("route", ["fused", "fused_token_blocks"])
+@pytest.mark.parametrize("route", ["fused", "fused_token_blocks", "fused_packed"])
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_inference_routes_match_the_reference_code(tiny_config, route, qkv_bias, monkeypatch):
     tiny_config.qkv_bias = qkv_bias
@@ -51,6 +52,30 @@ def test_inference_routes_match_the_reference_code(tiny_config, route, qkv_bias,
                 expected = cpu_acceleration.ROUTES["reference"](layer, hidden_states, height, width)
                 actual = cpu_acceleration.ROUTES[route](layer, hidden_states, height, width)
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_packed_weights_follow_in_place_updates_of_the_weights(tiny_config):
+    layer, hidden_states, height, width = first_layer(build(tiny_config))
+    other = build(tiny_config)  # other random weights, loaded in place as a checkpoint would be
+    route, reference = cpu_acceleration.ROUTES["fused_packed"], cpu_acceleration.ROUTES["reference"]
+    with torch.no_grad():
+        route(layer, hidden_states, height, width)  # packs the current weights
+        layer.load_state_dict(first_layer(other)[0].state_dict())
+        expected = reference(layer, hidden_states, height, width)
+        torch.testing.assert_close(route(layer, hidden_states, height, width), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("route", ["fused", "fused_packed"])
+def test_blocked_weights_are_kept_only_for_the_packed_route(tiny_config, route, monkeypatch):
+    monkeypatch.setattr(cpu_acceleration, "choose_route", lambda seconds: route)
+    layer, hidden_states, height, width = first_layer(build(tiny_config))
+    with torch.no_grad():
+        layer(hidden_states, height, width)  # measures every route, the packed one included
+    projections = cpu_acceleration._projections(layer)
+    kept = [projection.weight in cpu_acceleration._packed_weights for projection in projections]
+    assert kept == [route == "fused_packed"] * len(projections)
 
 
 def test_token_blocks_cover_every_token_once():
@@ -198,7 +223,7 @@ def test_only_inference_is_measured_and_accelerated(tiny_config, monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("route", ["reference", "fused", "fused_token_blocks"])
+@pytest.mark.parametrize("route", ["reference", "fused", "fused_token_blocks", "fused_packed"])
 def test_repeated_forwards_are_identical_from_the_first_call(tiny_config, route, monkeypatch):
     """Whatever route the measurement keeps, every call gives its output, the measuring call included."""
     monkeypatch.setattr(cpu_acceleration, "choose_route", lambda seconds: route)
@@ -226,9 +251,16 @@ def test_benchmark_smoke_runs_end_to_end(tmp_path):
     assert results["machine"]["cpu_capability"] and results["gemm_flops_per_s"]
     assert all(check["max_abs_logit_difference"] <= check["tolerance"] for check in results["parity"])
     models = {"stock", "ours", "ours_straightforward"}
+    # ONNX Runtime on our export, where the `onnx` extra is installed, in the eval and detection-size rows
+    onnx_extra = all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnxscript"))
+    graphs = {"onnxruntime"} if onnx_extra else set()
     for row in results["eval"]:
-        assert set(row["images_per_s"]) == models and all(value > 0 for value in row["mfu"].values())
+        assert set(row["images_per_s"]) == models | graphs and all(value > 0 for value in row["mfu"].values())
         assert row["ours_vs_stock"] > 0 and row["ours_vs_straightforward"] > 0
+        assert ("ours_vs_onnxruntime" in row) == bool(graphs)
+    assert set(results["detection"]["latency_s"]) == models | graphs
+    forward_checks = [check for check in results["parity"] if not check["case"].startswith("training")]
+    assert all(set(check["per_model"]) == {"ours", "ours_straightforward"} | graphs for check in forward_checks)
     assert set(results["memory"]["peak_mib"]) == models and set(results["training"]["step_s"]) == models
     assert results["allocator"]["configured_by_mallopt"] or sys.platform != "linux"  # documented settings, all rows
     assert {target["target"] for target in results["targets"]} >= {"detection_speedup", "training_step_b8"}
