@@ -13,7 +13,7 @@ process (warm-up, then rounds that rotate which model goes first) and reports th
 so that a slow spell of the machine hits both sides of a ratio. On a CPU three models are timed: stock, ours, and
 ours with its CPU acceleration switched off (`set_cpu_acceleration(False)`, "straightforward"), so the
 acceleration's own effect is a row too; where onnxruntime and onnxscript are installed (the `onnx` extra), a fourth
-is our model exported to ONNX (`modeling_pvt.onnx_export`, symbolic batch and size) and run by ONNX Runtime on the
+is our model exported to ONNX (`modeling_pvt.hub.onnx_export`, symbolic batch and size) and run by ONNX Runtime on the
 same number of threads, in the eval and 800x1216 rows. ONNX Runtime picks its instruction set itself: the AVX2 caps
 below do not reach it. The process follows the allocator settings we document
 (`modeling_pvt.runtime.configure_allocator()`) for every model, so no ratio comes from the allocator alone. Rows:
@@ -61,7 +61,7 @@ from modeling_pvt.runtime import allocator_settings, configure_allocator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The issue's targets (CPU, ratios against stock in the same run); speed-ups are "at least", memory "at most".
+# The project's speed targets (CPU, ratios against stock in the same run); speed-ups are "at least", memory "at most".
 TARGETS = {
     "no_row_below_stock": 1.0,
     "never_slower_than_straightforward": 1.0,
@@ -215,7 +215,7 @@ def onnxruntime_session(model: PvtForImageClassification, key: tuple):
     if key not in _onnx_sessions:
         import onnxruntime
 
-        from modeling_pvt.onnx_export import export_program
+        from modeling_pvt.hub.onnx_export import export_program
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -785,9 +785,9 @@ def speed_rows(results: dict) -> list[dict]:
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """Each target of the issue with its measured figure (CPU targets; on a GPU they are reported, not judged).
+    """Each speed target with its measured figure (CPU targets; on a GPU they are reported, not judged).
 
-    The issue's targets are for PVT-small at 224x224 (batch 16 eval, batch 8 training) and one 800x1216 image; a
+    The targets are for PVT-small at 224x224 (batch 16 eval, batch 8 training) and one 800x1216 image; a
     smoke run judges its tiny stand-ins the same way, which only checks the bookkeeping."""
     plan = results["plan"]
     size = f"{plan['image_size']}x{plan['image_size']}"

@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 
-from modeling_pvt.onnx_export import DEFAULT_CHECKS, DEFAULT_TOLERANCE, TASKS, OnnxExportError, export_onnx
+from modeling_pvt.hub.onnx_export import DEFAULT_CHECKS, DEFAULT_TOLERANCE, TASKS, OnnxExportError, export_onnx
 
 
 def check_size(text: str) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""The ONNX export (`modeling_pvt.onnx_export`, `scripts/export_onnx.py`): one export serves every batch and input
+"""The ONNX export (`modeling_pvt.hub.onnx_export`, `scripts/export_onnx.py`): one export serves every batch and input
 size and agrees with PyTorch, for the classifier and the backbone; what cannot be exported is refused clearly, and a
 graph that disagrees with PyTorch is not written."""
 
@@ -14,7 +14,7 @@ from script_launch import load_script
 from modeling_pvt import PvtBackbone, PvtConfig, PvtForImageClassification, PvtImageProcessor, PvtModel
 from modeling_pvt.modeling_pvt import PvtLayer
 
-onnx_export = pytest.importorskip("modeling_pvt.onnx_export")
+onnx_export = pytest.importorskip("modeling_pvt.hub.onnx_export")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 

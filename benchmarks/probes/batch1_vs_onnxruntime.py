@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, cpu_acceleration
-from modeling_pvt.onnx_export import export_program
+from modeling_pvt.hub.onnx_export import export_program
 from modeling_pvt.runtime import configure_allocator, describe_machine
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .configuration_pvt import PvtConfig
-from .image_processing_pvt import PvtImageProcessor
-from .modeling_pvt import PvtBackbone, PvtForImageClassification, PvtLayer
+from ..configuration_pvt import PvtConfig
+from ..image_processing_pvt import PvtImageProcessor
+from ..modeling_pvt import PvtBackbone, PvtForImageClassification, PvtLayer
 
 logger = logging.getLogger(__name__)
 
