@@ -4,8 +4,10 @@ measurement picks a route only when it is faster. Timing itself is the benchmark
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,20 +189,36 @@ def test_a_layer_shape_that_kept_the_reference_code_runs_it_directly(tiny_config
         assert not cpu_acceleration.fast_path_applies(layer, hidden_states)
 
 
-def test_the_measurement_alternates_the_routes_and_skips_the_warm_up_round(tiny_config, monkeypatch):
+@needs_onednn
+def test_the_measurement_alternates_the_routes_times_each_and_leaves_out_the_warm_up_round(tiny_config, monkeypatch):
+    """The real routes run, in alternating order; each call is timed (a route made 20 ms slower reads at least 20 ms
+    more in every round), and the first round, here 200 ms slower for every route, is left out."""
     layer, hidden_states, height, width = first_layer(build(tiny_config))
-    calls = []
+    calls, outputs = [], {}
 
-    def recorder(name: str):
-        return lambda *args: calls.append(name)
+    def timed(name: str, route):
+        def run(*args):
+            delay = 0.2 if name not in outputs else 0.02 if name == "fused" else 0.0
+            time.sleep(delay)
+            calls.append(name)
+            outputs[name] = route(*args)
+            return outputs[name]
 
-    routes = {name: recorder(name) for name in cpu_acceleration.ROUTES}
-    monkeypatch.setattr(cpu_acceleration, "ROUTES", routes)
-    seconds = cpu_acceleration._measure(layer, hidden_states, height, width)
-    names = list(routes)
+        return run
+
+    real = dict(cpu_acceleration.ROUTES)
+    monkeypatch.setattr(cpu_acceleration, "ROUTES", {name: timed(name, route) for name, route in real.items()})
+    with torch.no_grad():
+        seconds = cpu_acceleration._measure(layer, hidden_states, height, width)
+    names = list(real)
     assert calls[: 2 * len(names)] == names + names[::-1]
     assert len(calls) == cpu_acceleration.MEASUREMENT_ROUNDS * len(names)
     assert all(len(times) == cpu_acceleration.MEASUREMENT_ROUNDS - 1 for times in seconds.values())
+    assert max(max(times) for times in seconds.values()) < 0.2  # no warm-up round among them
+    assert all(fused >= reference + 0.02 for fused, reference in zip(seconds["fused"], seconds["reference"]))
+    assert cpu_acceleration.choose_route(seconds) != "fused"
+    for name in names:  # each call computed the layer
+        torch.testing.assert_close(outputs[name], outputs["reference"], atol=1e-5, rtol=1e-5)
 
 
 @needs_onednn
@@ -255,8 +273,17 @@ def test_benchmark_smoke_runs_end_to_end(tmp_path):
     onnx_extra = all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnxscript"))
     graphs = {"onnxruntime"} if onnx_extra else set()
     for row in results["eval"]:
-        assert set(row["images_per_s"]) == models | graphs and all(value > 0 for value in row["mfu"].values())
-        assert row["ours_vs_stock"] > 0 and row["ours_vs_straightforward"] > 0
+        assert set(row["images_per_s"]) == models | graphs
+        times = row["timing"]["times_s"]  # the rounds kept: every figure of the row comes from them
+        for model, rate in row["images_per_s"].items():
+            assert rate == pytest.approx(row["batch"] / statistics.median(times[model])), model
+        for ratio, (faster, slower) in {
+            "ours_vs_stock": ("ours", "stock"),
+            "ours_vs_straightforward": ("ours", "ours_straightforward"),
+        }.items():
+            per_round = [base / taken for taken, base in zip(times[faster], times[slower])]
+            assert row[ratio] == pytest.approx(statistics.median(per_round)), ratio
+            assert row["per_round_range"][ratio] == pytest.approx([min(per_round), max(per_round)]), ratio
         assert ("ours_vs_onnxruntime" in row) == bool(graphs)
     assert set(results["detection"]["latency_s"]) == models | graphs
     forward_checks = [check for check in results["parity"] if not check["case"].startswith("training")]
