@@ -42,8 +42,8 @@ atomic checkpoints (model, optimizer, scheduler, random generators, position in 
 `--output_dir` receives the model (safetensors), the image processor, `all_results.json` (the schema of
 `modeling_pvt.results`: `eval_mean_iou` and the other scores of the final evaluation, per-class IoU, and every
 epoch's scores under `history`), a model card (`README.md`) with the measured mean IoU and, with `--with_tracking`,
-TensorBoard logs; `--push_to_hub` uploads it. Loading the saved model needs `import modeling_pvt` first (it registers
-the `pvt` backbone with transformers' Auto classes).
+TensorBoard logs; `--push_to_hub` uploads it. The saved model loads after `import modeling_pvt`, or in plain
+transformers with `trust_remote_code=True` (the folder carries the model's code).
 """
 
 import argparse
@@ -55,13 +55,13 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
-import modeling_pvt  # noqa: F401  (registers the pvt backbone with the Auto classes)
 from modeling_pvt import PVT_PRESETS, PvtBackbone, PvtConfig, training
+from modeling_pvt.configuration_pvt_heads import PvtUperNetConfig
 from modeling_pvt.data import exit_on_data_error
 from modeling_pvt.evaluation import evaluate_segmentation
 from modeling_pvt.model_card import render_trained_card
+from modeling_pvt.modeling_pvt_heads import UperNetForSemanticSegmentation
 from modeling_pvt.results import SEMANTIC_SEGMENTATION
 from modeling_pvt.segmentation_data import (
     MASK_COLUMN_CANDIDATES,
@@ -218,7 +218,7 @@ def build_model(args: argparse.Namespace, labels: list[str]) -> UperNetForSemant
         backbone_config = backbone.config
     else:
         backbone_config = PvtConfig.from_preset(args.model_size, drop_path_rate=args.drop_path_rate)
-    config = UperNetConfig(
+    config = PvtUperNetConfig(
         backbone_config=backbone_config,
         num_labels=len(labels),
         id2label=id2label,
