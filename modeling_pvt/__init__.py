@@ -12,8 +12,11 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForObjectDetection,
+    AutoModelForSemanticSegmentation,
 )
 
+from . import modeling_pvt_heads
 from .configuration_pvt import PVT_PRESETS, PvtConfig
 from .image_processing_pvt import PvtImageProcessor
 from .modeling_pvt import PvtBackbone, PvtForImageClassification, PvtModel, PvtPreTrainedModel
@@ -32,6 +35,20 @@ PvtConfig.register_for_auto_class()
 PvtModel.register_for_auto_class("AutoModel")
 PvtForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 PvtBackbone.register_for_auto_class("AutoBackbone")
+
+# The heads on a PVT backbone: their saved folders carry `configuration_pvt_heads.py`, `modeling_pvt_heads.py` and
+# the files these import, with an `auto_map` to them.
+for head, auto_class in (
+    (modeling_pvt_heads.DetrForObjectDetection, AutoModelForObjectDetection),
+    (modeling_pvt_heads.ConditionalDetrForObjectDetection, AutoModelForObjectDetection),
+    (modeling_pvt_heads.DeformableDetrForObjectDetection, AutoModelForObjectDetection),
+    (modeling_pvt_heads.RTDetrForObjectDetection, AutoModelForObjectDetection),
+    (modeling_pvt_heads.UperNetForSemanticSegmentation, AutoModelForSemanticSegmentation),
+):
+    AutoConfig.register(head.config_class.model_type, head.config_class, exist_ok=True)
+    auto_class.register(head.config_class, head, exist_ok=True)
+    head.config_class.register_for_auto_class()
+    head.register_for_auto_class(auto_class.__name__)
 
 __all__ = [
     "PVT_PRESETS",

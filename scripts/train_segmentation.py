@@ -39,8 +39,8 @@ N|epoch` writes atomic checkpoints and `--resume_from_checkpoint PATH|latest` co
 `--output_dir` receives the model (safetensors), the image processor, `all_results.json` (the schema of
 `modeling_pvt.hub.results`: `eval_mean_iou` and the other scores of the final evaluation, per-class IoU, and every
 epoch's scores under `eval_history`), a model card (`README.md`) with the measured mean IoU and, with
-`--with_tracking`, TensorBoard logs; `--push_to_hub` uploads it. Loading the saved model needs `import modeling_pvt`
-first (it registers the `pvt` backbone with transformers' Auto classes).
+`--with_tracking`, TensorBoard logs; `--push_to_hub` uploads it. The saved model loads after `import modeling_pvt`, or
+in plain transformers with `trust_remote_code=True` (the folder carries the model's code).
 """
 
 from modeling_pvt.data.segmentation import SegmentationDataArguments

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_FILES = ("configuration_pvt", "modeling_pvt", "image_processing_pvt", "cpu_acceleration")
+MODEL_FILES = (
+    "configuration_pvt",
+    "modeling_pvt",
+    "image_processing_pvt",
+    "cpu_acceleration",
+    "configuration_pvt_heads",
+    "modeling_pvt_heads",
+)
 FLOORS = {
     "model": 0,
     "runtime": 1,

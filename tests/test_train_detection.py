@@ -205,7 +205,7 @@ def test_digits_default_is_deformable_detr_on_canvases(digits_run):
     assert results["dataset_name"] == "sklearn-digits-canvases" and results["detector"] == "deformable_detr"
     assert results["eval_samples"] == 4 and results["completed_steps"] == 2
     config = json.loads((digits_run / "config.json").read_text())
-    assert config["model_type"] == "deformable_detr" and config["backbone_config"]["model_type"] == "pvt"
+    assert config["model_type"] == "pvt_deformable_detr" and config["backbone_config"]["model_type"] == "pvt"
     assert config["id2label"] == {str(digit): str(digit) for digit in range(10)}
 
 
@@ -230,16 +230,21 @@ def test_saved_detector_loads_with_auto_class_and_runs_in_the_pipeline_on_a_phot
     assert top["score"] == pytest.approx(float(detections["scores"].max()), abs=1e-5)
 
 
-def test_without_the_import_stock_transformers_names_the_missing_pvt_backbone(digits_run):
+def test_without_the_import_or_remote_code_transformers_asks_for_trust_remote_code(digits_run):
     client = (
         "from transformers import AutoModelForObjectDetection\n"
         f"AutoModelForObjectDetection.from_pretrained({str(digits_run)!r})\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", client], env=environment(), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S
+        [sys.executable, "-c", client],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode != 0
-    assert "PvtConfig" in result.stderr and "AutoBackbone" in result.stderr
+    assert "trust_remote_code=True" in result.stderr and str(digits_run) in result.stderr
 
 
 def test_detector_from_the_hub_matches_the_trained_weights(uninterrupted, hub, tmp_path):

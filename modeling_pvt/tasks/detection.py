@@ -380,9 +380,9 @@ class DetectionTask(TrainingTask):
             f"backbone (PVT v1, [arXiv 2102.12122](https://arxiv.org/abs/2102.12122)), fine-tuned from {backbone} "
             f"with `modeling_pvt`'s `{self.script}`. Categories: {', '.join(data.categories[:20])}"
             f"{' ...' if len(data.categories) > 20 else ''} ({len(data.categories)}).\n\n"
-            "**Loading needs `import modeling_pvt` first**: the detector builds its backbone through transformers' "
-            "`AutoBackbone`, and stock transformers has no PVT v1 backbone. Without the import, loading fails with "
-            "`Unrecognized configuration class ... PvtConfig ... for this kind of AutoModel: AutoBackbone`."
+            "**Loading needs the PVT code**: pass `trust_remote_code=True` (the folder carries the code), or "
+            "`import modeling_pvt` first (installed from its repository). Stock transformers has no PVT v1 backbone; "
+            "without either, it stops and asks for `trust_remote_code=True`."
         )
         if detection_args.uses_embedded_dataset:
             summary += (

@@ -1,7 +1,7 @@
 """Transformers object detectors on a PvtBackbone, and the image processor that goes with each.
 
-Every detector here builds its backbone through transformers' Auto classes from `config.backbone_config`, which is
-why a saved detector needs `import modeling_pvt` (it registers the `pvt` backbone) before `from_pretrained`.
+The detectors are transformers' own under model types of their own (`modeling_pvt_heads`): a saved detector loads
+after `import modeling_pvt`, or in plain transformers with `trust_remote_code=True` (the folder carries the code).
 """
 
 import logging
@@ -9,24 +9,22 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    ConditionalDetrConfig,
-    ConditionalDetrForObjectDetection,
     ConditionalDetrImageProcessor,
-    DeformableDetrConfig,
-    DeformableDetrForObjectDetection,
     DeformableDetrImageProcessor,
-    DetrConfig,
-    DetrForObjectDetection,
     DetrImageProcessor,
     PreTrainedConfig,
     PreTrainedModel,
-    RTDetrConfig,
-    RTDetrForObjectDetection,
     RTDetrImageProcessor,
 )
 
 from ..configuration_pvt import PvtConfig
 from ..modeling_pvt import PvtBackbone
+from ..modeling_pvt_heads import (
+    ConditionalDetrForObjectDetection,
+    DeformableDetrForObjectDetection,
+    DetrForObjectDetection,
+    RTDetrForObjectDetection,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +34,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class DetectorFamily:
-    config_class: type
     model_class: type
     processor_class: type
     backbone_stages: tuple[str, ...]
@@ -44,19 +41,12 @@ class DetectorFamily:
 
 
 DETECTORS = {
-    "detr": DetectorFamily(DetrConfig, DetrForObjectDetection, DetrImageProcessor, ("stage4",)),
-    "conditional_detr": DetectorFamily(
-        ConditionalDetrConfig, ConditionalDetrForObjectDetection, ConditionalDetrImageProcessor, ("stage4",)
-    ),
+    "detr": DetectorFamily(DetrForObjectDetection, DetrImageProcessor, ("stage4",)),
+    "conditional_detr": DetectorFamily(ConditionalDetrForObjectDetection, ConditionalDetrImageProcessor, ("stage4",)),
     "deformable_detr": DetectorFamily(
-        DeformableDetrConfig,
-        DeformableDetrForObjectDetection,
-        DeformableDetrImageProcessor,
-        ("stage2", "stage3", "stage4"),
+        DeformableDetrForObjectDetection, DeformableDetrImageProcessor, ("stage2", "stage3", "stage4")
     ),
-    "rt_detr": DetectorFamily(
-        RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor, ("stage2", "stage3", "stage4")
-    ),
+    "rt_detr": DetectorFamily(RTDetrForObjectDetection, RTDetrImageProcessor, ("stage2", "stage3", "stage4")),
 }
 
 
@@ -68,10 +58,6 @@ def build_detector_config(
         raise ValueError(f"Unknown detector {detector!r}; choose one of {sorted(DETECTORS)}.")
     family = DETECTORS[detector]
     backbone_settings = backbone_config.to_dict()
-    # A classification checkpoint's code map and path mean nothing inside a detector's config (the code map would
-    # send stock transformers looking for remote code in the classifier's folder).
-    for key in ("auto_map", "_name_or_path", "architectures"):
-        backbone_settings.pop(key, None)
     backbone_settings.update(out_features=list(family.backbone_stages), out_indices=None)
     backbone_config = PvtConfig.from_dict(backbone_settings)
     kwargs = {
@@ -89,7 +75,7 @@ def build_detector_config(
         if detector == "deformable_detr":
             kwargs["num_feature_levels"] = len(family.backbone_stages) + 1  # plus one strided conv on the last map
     kwargs.update(detector_kwargs)
-    return family.config_class(**kwargs)
+    return family.model_class.config_class(**kwargs)
 
 
 def find_pvt_backbone(model: torch.nn.Module) -> PvtBackbone:

@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
 from ..configuration_pvt import PvtConfig
+from ..configuration_pvt_heads import PvtUperNetConfig
 from ..data.segmentation import (
     SegmentationData,
     SegmentationDataArguments,
@@ -27,6 +27,7 @@ from ..data.segmentation import (
 from ..hub.model_card import render_trained_card
 from ..hub.results import SEMANTIC_SEGMENTATION
 from ..modeling_pvt import PvtBackbone
+from ..modeling_pvt_heads import UperNetForSemanticSegmentation
 from ..training.options import TrainingArguments, apply_recipe
 from ..training.run import TaskDatasets, TrainingTask, default_repo_id
 from .evaluation import evaluate_segmentation
@@ -121,7 +122,7 @@ def build_segmenter(
         backbone_config = backbone.config
     else:
         backbone_config = PvtConfig.from_preset(model_args.model_size, drop_path_rate=model_args.drop_path_rate)
-    config = UperNetConfig(
+    config = PvtUperNetConfig(
         backbone_config=backbone_config,
         hidden_size=model_args.head_hidden_size,
         auxiliary_channels=model_args.auxiliary_head_channels,
