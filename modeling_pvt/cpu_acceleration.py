@@ -327,5 +327,5 @@ def fastest_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, height:
         seconds = _measure(layer, hidden_states, height, width)
         medians = {name: statistics.median(times) for name, times in seconds.items()}
         measured_routes[key] = (choose_route(seconds), medians)
-        logger.info("PVT layer %s on CPU: %s (median seconds per route %s)", key, *measured_routes[key])
+        logger.debug("PVT layer %s on CPU: %s (median seconds per route %s)", key, *measured_routes[key])
     return ROUTES[measured_routes[key][0]](layer, hidden_states, height, width)
