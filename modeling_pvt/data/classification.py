@@ -2,11 +2,12 @@
 
 One entry point, `load_image_classification_data`, turns the command-line choices into train and validation
 `datasets.Dataset`s with a known image column, label column and label names. The scripts share its options as
-`DataArguments` (parsed by `transformers.HfArgumentParser`; `DataArguments.load()`), and `exit_on_data_error` turns a
-`DataError` into a message for the user. Sources:
+`DataArguments` (parsed by `transformers.HfArgumentParser`; `DataArguments.load()`; evaluation's subset:
+`EvaluationDataArguments`); a `DataError` ends a script with a message for the user. Sources:
 
 - a dataset on the Hugging Face Hub or on disk (`dataset_name`, optionally `dataset_config_name`);
-- ImageNet-style image folders (`train_dir` / `validation_dir`, one sub-folder per class);
+- ImageNet-style image folders (`train_dir` / `validation_dir`, one sub-folder per class, no images beside them;
+  `validation_dir` alone is enough for evaluation);
 - nothing at all: scikit-learn's handwritten digits (1,797 real 8x8 greyscale scans that ship with scikit-learn),
   split 80/20 with a fixed seed, so every script sees the same held-out images.
 

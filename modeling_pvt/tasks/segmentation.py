@@ -222,7 +222,10 @@ class SegmentationTask(TrainingTask):
             title=f"UperNet + PVT on {data.name}",
             summary="A semantic-segmentation model: UperNet (transformers) on a Pyramid Vision Transformer backbone "
             f"(PVT v1, [arXiv 2102.12122](https://arxiv.org/abs/2102.12122)) initialised from {backbone}, trained "
-            f"with `modeling_pvt`'s `{self.script}` on {results['num_labels']} classes.",
+            f"with `modeling_pvt`'s `{self.script}` on {results['num_labels']} classes.\n\n"
+            "**Loading needs `import modeling_pvt` first**: UperNet builds its backbone through transformers' "
+            "`AutoBackbone`, and stock transformers has no PVT v1 backbone. Without the import, loading asks for "
+            "`trust_remote_code=True` or fails inside `AutoBackbone`.",
             results=results,
             source=f"`{self.script}` at the end of training",
             run_summary=f"Per-class IoU: {per_class}. Training took {results['train_runtime']:.1f} s on "

@@ -182,9 +182,10 @@ def loading_pretrained(option: str, name_or_path: str) -> Iterator[None]:
     except OSError as error:
         if Path(name_or_path).exists():
             raise
-        offline = " (HF_HUB_OFFLINE is set: only models already in the cache load)" if constants.HF_HUB_OFFLINE else ""
-        reason = str(error).splitlines()[0]
+        if constants.HF_HUB_OFFLINE:  # the Hub client's reason would only say that it could not connect
+            reason = " (HF_HUB_OFFLINE is set: only models in the cache load)"
+        else:
+            reason = ": " + str(error).splitlines()[0].rstrip(".")
         raise OptionError(
-            f"{option} {name_or_path!r}: no such folder, and not a Hub model id that could be loaded{offline}: "
-            f"{reason}"
+            f"{option} {name_or_path!r}: no such folder, and not a Hub model id that could be loaded{reason}."
         ) from error
