@@ -8,6 +8,7 @@ line, which Python prints as the last line, exit code 1); one of them and the 2-
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,8 @@ def folders(tmp_path_factory) -> Path:
 
 
 def screen(command: list[str]) -> tuple[int, list[str]]:
-    """The exit code and the non-blank lines of what the command shows, stdout and stderr in the order written."""
+    """The exit code and the non-blank lines of what the command shows, stdout and stderr in the order written (a
+    progress bar's carriage return starts a line, as on a terminal)."""
     result = subprocess.run(
         command,
         cwd=REPO,
@@ -71,7 +73,7 @@ def screen(command: list[str]) -> tuple[int, list[str]]:
         text=True,
         timeout=SCRIPT_TIMEOUT_S,
     )
-    return result.returncode, [line for line in result.stdout.splitlines() if line.strip()]
+    return result.returncode, [line for line in re.split(r"[\r\n]+", result.stdout) if line.strip()]
 
 
 def main_exits_with(script: str, argv: list[str]) -> str:
@@ -178,6 +180,8 @@ def test_a_mistyped_model_name_is_no_such_folder_and_no_hub_model(script, tmp_pa
             [
                 "--train_dir",
                 "{folders}/train",
+                "--validation_dir",
+                "{folders}/val",
                 "--config_overrides",
                 TOY_OVERRIDES,
                 "--per_device_train_batch_size",

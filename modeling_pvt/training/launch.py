@@ -5,15 +5,16 @@ and how every process of a run stops together on a user's mistake.
 only when told to use the CPU (`cpu_only_host`); `trainer_launch_arguments` applies the same rule to a `Trainer`.
 
 A mistake found before training (a `DataError` or an `OptionError`) ends the run through `stop_all_on_user_error`:
-every process reaches the same decision, the main process prints the one line, and all exit with code 1 without a
-traceback. Under `accelerate launch --multi_gpu` (torchrun) a non-zero exit always makes the launcher print its
-`ChildFailedError` report; the processes hand torchrun the same line as their error, so the report ends with it
-(`traceback : Data error: ...`, then torchrun's closing rule).
+every process reaches the same decision, the main process prints the one line, and all exit at once with code 1,
+without a traceback. Under `accelerate launch --multi_gpu` (torchrun) a non-zero exit always makes the launcher
+print its `ChildFailedError` report; the processes hand torchrun the same line as their error, so the report ends
+with it (`traceback : Data error: ...`, then torchrun's closing rule).
 """
 
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,12 +102,21 @@ def _attempt(step: Callable[[], Result]) -> tuple[Result | None, str | None]:
 
 def _exit_together(state: PartialState, message: str) -> NoReturn:
     """Every process calls this with the same `message`: the main process prints it, all exit with code 1."""
+    if state.num_processes == 1:
+        raise SystemExit(message)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:  # torchrun's per-process error record, which its failure report prints
         Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
-    if state.num_processes > 1:
-        state.destroy_process_group()
-    raise SystemExit(message if state.is_main_process else 1)
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    if state.is_main_process:
+        sys.stderr.write(message + "\n")  # the script's last words, not a log record
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # At once, without the interpreter's teardown: torchrun stops the processes still running when one has ended,
+    # and would report them as killed.
+    os._exit(1)
 
 
 def compile_model(model: torch.nn.Module, backend: str | None) -> None:
