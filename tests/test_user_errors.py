@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,7 @@ from PIL import Image
 from script_launch import REPO, SCRIPT_TIMEOUT_S, SCRIPTS, environment, launch_command, load_script
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, PvtImageProcessor, cpu_acceleration
+from modeling_pvt.data.classification import load_image_classification_data
 from modeling_pvt.data.detection import load_detection_data
 from modeling_pvt.data.segmentation import load_segmentation_data
 from modeling_pvt.data.sources import DataError
@@ -284,3 +286,17 @@ def test_choosing_a_cpu_route_logs_at_debug_only(caplog, monkeypatch):
 def test_model_cards_say_how_to_install_from_the_source():
     cards = [*(REPO / "model_cards").glob("*.md"), *(REPO / "modeling_pvt" / "hub" / "card_templates").glob("*")]
     assert cards and not any("pip install modeling-pvt" in path.read_text() for path in cards)
+
+
+def test_a_split_without_labels_is_refused_naming_a_row(tmp_path):
+    image = Image.new("RGB", (8, 8))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    train = datasets.Dataset.from_dict({"image": [image] * 4, "label": [0, 1, 0, 1]}, features=features)
+    test = datasets.Dataset.from_dict({"image": [image] * 3, "label": [0, -1, None]}, features=features)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataError) as error:
+        load_image_classification_data(dataset_name=str(tmp_path / "saved"), evaluation_only=True)
+    assert str(error.value) == (
+        "2 of the 3 images of the test split have no label (e.g. row 1 of the test split): a split "
+        "without labels, such as a test split, cannot be used; pick a labelled one with --split."
+    )

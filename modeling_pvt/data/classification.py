@@ -244,6 +244,17 @@ def _source_splits(
     return splits, f"imagefolder:{train_dir or validation_dir}", None
 
 
+def _check_labelled(dataset: datasets.Dataset, image_column: str, label_column: str, split: str) -> None:
+    """Rows without a label (None, or -1 as in the ImageNet test split) can be neither trained on nor scored."""
+    unlabelled = [index for index, label in enumerate(dataset[label_column]) if label is None or label < 0]
+    if unlabelled:
+        raise DataError(
+            f"{len(unlabelled)} of the {len(dataset)} images of the {split} split have no label (e.g. "
+            f"{describe_image(dataset[unlabelled[0]][image_column], unlabelled[0], split)}): a split "
+            "without labels, such as a test split, cannot be used; pick a labelled one with --split."
+        )
+
+
 def _held_out_split(
     splits: datasets.DatasetDict,
     validation_split_name: str | None,
@@ -361,6 +372,8 @@ def load_image_classification_data(
         train = train.select(range(min(max_train_samples, len(train))))
     if max_eval_samples is not None:
         validation = validation.select(range(min(max_eval_samples, len(validation))))
+    for split, dataset in (("train", train), (held_out, validation)):
+        _check_labelled(dataset, image_column, label_column, split)
 
     skipped = 0
     if check_images != "none":
