@@ -50,7 +50,7 @@ from modeling_pvt.metrics import load_metric
 from modeling_pvt.runtime import configure_allocator
 from modeling_pvt.training.checkpoints import INTERRUPTED_MODEL_DIR_NAME
 from modeling_pvt.training.launch import stop_all_on_user_error, trainer_launch_arguments
-from modeling_pvt.training.options import loading_pretrained, parse_config_overrides
+from modeling_pvt.training.options import HelpFormatter, loading_pretrained, parse_config_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,9 @@ def parse_arguments(
     argv: list[str] | None,
 ) -> tuple[ModelArguments, DataArguments, AugmentationArguments, TrainingArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, AugmentationArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, AugmentationArguments, TrainingArguments), formatter_class=HelpFormatter
+    )
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=str(Path(argv[0]).resolve()))
     data_probe, *_ = HfArgumentParser(DataArguments, add_help=False).parse_known_args(argv)
