@@ -366,7 +366,7 @@ def fastest_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, height:
         seconds = _measure(layer, hidden_states, height, width)
         medians = {name: statistics.median(times) for name, times in seconds.items()}
         measured_routes[key] = (choose_route(seconds), medians)
-        logger.info("PVT layer %s on CPU: %s (median seconds per route %s)", key, *measured_routes[key])
+        logger.debug("PVT layer %s on CPU: %s (median seconds per route %s)", key, *measured_routes[key])
         if measured_routes[key][0] != "fused_packed":  # the measurement's blocked copies are not needed for this
             for projection in _projections(layer):  # shape (another shape that keeps them makes them again once)
                 _packed_weights.pop(projection.weight, None)

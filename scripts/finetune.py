@@ -16,7 +16,6 @@ PVT of `--model_size`. Multi-GPU and mixed precision come from `accelerate launc
 for any `Trainer` script.
 """
 
-import json
 import logging
 import shlex
 import sys
@@ -45,13 +44,13 @@ from modeling_pvt.data.classification import (
     build_processor_transform,
     collate_image_batch,
 )
-from modeling_pvt.data.sources import exit_on_data_error
 from modeling_pvt.hub.model_card import render_trained_card
 from modeling_pvt.hub.results import IMAGE_CLASSIFICATION, RESULTS_FILE_NAME, write_results
 from modeling_pvt.metrics import load_metric
 from modeling_pvt.runtime import configure_allocator
 from modeling_pvt.training.checkpoints import INTERRUPTED_MODEL_DIR_NAME
-from modeling_pvt.training.launch import trainer_launch_arguments
+from modeling_pvt.training.launch import stop_all_on_user_error, trainer_launch_arguments
+from modeling_pvt.training.options import HelpFormatter, loading_pretrained, parse_config_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +133,9 @@ def parse_arguments(
     argv: list[str] | None,
 ) -> tuple[ModelArguments, DataArguments, AugmentationArguments, TrainingArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, AugmentationArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, AugmentationArguments, TrainingArguments), formatter_class=HelpFormatter
+    )
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=str(Path(argv[0]).resolve()))
     data_probe, *_ = HfArgumentParser(DataArguments, add_help=False).parse_known_args(argv)
@@ -147,16 +148,17 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
     label_kwargs = {"num_labels": len(data.labels), "id2label": data.id2label, "label2id": data.label2id}
     hub_kwargs = {"cache_dir": data_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     if model_args.model_name_or_path:
-        model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            **label_kwargs,
-            **hub_kwargs,
-        )
+        with loading_pretrained("--model_name_or_path", model_args.model_name_or_path):
+            model = AutoModelForImageClassification.from_pretrained(
+                model_args.model_name_or_path,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                **label_kwargs,
+                **hub_kwargs,
+            )
     else:
         logger.warning(f"No --model_name_or_path: training a new PVT-{model_args.model_size} from scratch.")
         image_size = model_args.image_size or (32 if data_args.uses_embedded_dataset else 224)
-        overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+        overrides = parse_config_overrides(model_args.config_overrides, PvtConfig)
         config = PvtConfig.from_preset(model_args.model_size, image_size=image_size, **label_kwargs, **overrides)
         model = PvtForImageClassification(config)
 
@@ -279,9 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         if checkpoint is None:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}.")
 
-    with training_args.main_process_first(desc="loading the dataset"), exit_on_data_error():
-        data = data_args.load()
-    model, image_processor = build_model_and_processor(model_args, data_args, data)
+    data = stop_all_on_user_error(data_args.load, main_process_first=True)
+    model, image_processor = stop_all_on_user_error(lambda: build_model_and_processor(model_args, data_args, data))
     # Digits: a mirrored digit is not the same digit, and an 8x8 digit survives only mild crops.
     digits = data_args.uses_embedded_dataset
     horizontal_flip, min_crop_scale = augmentation_args.horizontal_flip, augmentation_args.min_crop_scale

@@ -2,11 +2,12 @@
 
 One entry point, `load_image_classification_data`, turns the command-line choices into train and validation
 `datasets.Dataset`s with a known image column, label column and label names. The scripts share its options as
-`DataArguments` (parsed by `transformers.HfArgumentParser`; `DataArguments.load()`), and `exit_on_data_error` turns a
-`DataError` into a message for the user. Sources:
+`DataArguments` (parsed by `transformers.HfArgumentParser`; `DataArguments.load()`; evaluation's subset:
+`EvaluationDataArguments`); a `DataError` ends a script with a message for the user. Sources:
 
 - a dataset on the Hugging Face Hub or on disk (`dataset_name`, optionally `dataset_config_name`);
-- ImageNet-style image folders (`train_dir` / `validation_dir`, one sub-folder per class);
+- ImageNet-style image folders (`train_dir` / `validation_dir`, one sub-folder per class, no images beside them;
+  `validation_dir` alone is enough for evaluation);
 - nothing at all: scikit-learn's handwritten digits (1,797 real 8x8 greyscale scans that ship with scikit-learn),
   split 80/20 with a fixed seed, so every script sees the same held-out images.
 
@@ -90,8 +91,9 @@ class ImageClassificationData:
 
 
 @dataclass
-class DataArguments:
-    """The data options of every image-classification script, parsed with `transformers.HfArgumentParser`."""
+class EvaluationDataArguments:
+    """The data options of image-classification evaluation (parsed with `transformers.HfArgumentParser`): which
+    held-out images to score."""
 
     _argument_group_name = "data"  # HfArgumentParser's --help section (a class attribute, not an option)
 
@@ -99,9 +101,13 @@ class DataArguments:
         default=None, metadata={"help": "A dataset on the Hub or saved on disk; none (and no folders): digits."}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    train_dir: str | None = field(default=None, metadata={"help": "Training image folder, one sub-folder per class."})
+    train_dir: str | None = field(
+        default=None,
+        metadata={"help": "Training image folder, one sub-folder per class (evaluation scores its held-out part)."},
+    )
     validation_dir: str | None = field(
-        default=None, metadata={"help": "Validation image folder, one sub-folder per class."}
+        default=None,
+        metadata={"help": "Validation image folder, one sub-folder per class (alone: enough for evaluation)."},
     )
     split: str | None = field(
         default=None,
@@ -126,9 +132,11 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for the up-front image check (cached by datasets)."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N held-out samples."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where datasets and models downloads are cached."})
+
+    evaluation_only = True
+    """Whether a `validation_dir` alone is enough (`load_image_classification_data`); a class attribute."""
 
     @property
     def uses_embedded_dataset(self) -> bool:
@@ -137,10 +145,20 @@ class DataArguments:
     def load(self) -> ImageClassificationData:
         """`load_image_classification_data` with these options."""
         options = {item.name: getattr(self, item.name) for item in fields(self)}
+        options["evaluation_only"] = self.evaluation_only
         options["validation_split_name"] = options.pop("split")
         options["check_images"] = options.pop("image_check")
         options["num_proc"] = options.pop("preprocessing_num_workers")
         return load_image_classification_data(**options)
+
+
+@dataclass
+class DataArguments(EvaluationDataArguments):
+    """The data options of every image-classification training script."""
+
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
+
+    evaluation_only = False
 
 
 def load_digits_dataset() -> datasets.Dataset:
@@ -160,9 +178,17 @@ def load_digits_dataset() -> datasets.Dataset:
 
 
 def _check_image_folder(folder: str, argument: str) -> None:
+    """An ImageNet-style folder: images only inside class sub-folders (`datasets` would otherwise take the folder's
+    own name, or nothing, for their label)."""
     path = Path(folder)
     if not path.is_dir():
         raise DataError(f"{argument} {folder!r} is not a folder.")
+    loose = sorted(entry.name for entry in path.iterdir() if entry.suffix.lower() in IMAGE_EXTENSIONS)
+    if loose:
+        raise DataError(
+            f"{argument} {folder!r} holds {len(loose)} image(s) directly (e.g. {loose[0]}): class sub-folders are "
+            f"expected, one per class, e.g. {path / 'class_name' / loose[0]}."
+        )
     if not find_image_files(path):
         raise DataError(
             f"{argument} {folder!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -197,15 +223,14 @@ def _source_splits(
     validation_dir: str | None,
     cache_dir: str | None,
 ) -> tuple[datasets.DatasetDict, str, str | None]:
-    """The splits of the source the options name, with the name and configuration results files give it."""
+    """The splits of the source the options name, with the name and configuration results files give it. Folders
+    give a `train` split, a `validation` split, or both."""
     if dataset_name is not None and (train_dir is not None or validation_dir is not None):
         raise DataError("Pass either a dataset name or image folders (train_dir/validation_dir), not both.")
     if dataset_name is None and train_dir is None and validation_dir is None:
         return datasets.DatasetDict({"train": load_digits_dataset()}), DIGITS_DATASET_NAME, None
     if dataset_name is not None:
         return load_named_dataset(dataset_name, dataset_config_name, cache_dir), dataset_name, dataset_config_name
-    if train_dir is None:
-        raise DataError("--validation_dir needs --train_dir as well.")
     data_files = {}
     for split, folder, argument in (
         ("train", train_dir, "train_dir"),
@@ -214,8 +239,20 @@ def _source_splits(
         if folder is not None:
             _check_image_folder(folder, argument)
             data_files[split] = str(Path(folder) / "**")
-    splits = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
-    return splits, f"imagefolder:{train_dir}", None
+    # Labels always come from the class sub-folders (datasets drops them by default when there is only one).
+    splits = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False, cache_dir=cache_dir)
+    return splits, f"imagefolder:{train_dir or validation_dir}", None
+
+
+def _check_labelled(dataset: datasets.Dataset, image_column: str, label_column: str, split: str) -> None:
+    """Rows without a label (None, or -1 as in the ImageNet test split) can be neither trained on nor scored."""
+    unlabelled = [index for index, label in enumerate(dataset[label_column]) if label is None or label < 0]
+    if unlabelled:
+        raise DataError(
+            f"{len(unlabelled)} of the {len(dataset)} images of the {split} split have no label (e.g. "
+            f"{describe_image(dataset[unlabelled[0]][image_column], unlabelled[0], split)}): a split "
+            "without labels, such as a test split, cannot be used; pick a labelled one with --split."
+        )
 
 
 def _held_out_split(
@@ -285,6 +322,7 @@ def load_image_classification_data(
     validation_split_name: str | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    evaluation_only: bool = False,
 ) -> ImageClassificationData:
     """Load train and validation splits; see the module docstring for the sources and the bad-data policy.
 
@@ -292,6 +330,7 @@ def load_image_classification_data(
     with `split_seed`. `check_images` is `"verify"`, `"decode"` or `"none"`. `validation_split_name` picks the
     held-out split of a named dataset (default: `validation`, else `test`, else carved out of `train`).
     `max_train_samples` / `max_eval_samples` keep only the first N of each split (before the image check).
+    With `evaluation_only`, a `validation_dir` alone is enough: the training split is then empty.
     """
     if check_images not in ("verify", "decode", "none"):
         raise ValueError(f"check_images must be 'verify', 'decode' or 'none', got {check_images!r}.")
@@ -302,16 +341,24 @@ def load_image_classification_data(
         train_val_split = DIGITS_VALIDATION_FRACTION
     if validation_split_name is not None and validation_split_name not in splits and validation_split_name != "train":
         raise DataError(f"The dataset has no split {validation_split_name!r}; available splits: {list(splits)}.")
+    if train_dir is None and validation_dir is not None:
+        if not evaluation_only:
+            raise DataError("--validation_dir alone can be evaluated, not trained on: pass --train_dir as well.")
+        splits["train"] = splits["validation"].select([])  # nothing to train on; labels and columns as validation
     if "train" not in splits:
         raise DataError(f"The dataset has no 'train' split; available splits: {list(splits)}.")
-    image_column = _resolve_column(splits["train"], image_column_name, datasets.Image, "image", "--image_column_name")
-    label_column = _resolve_column(
-        splits["train"], label_column_name, datasets.ClassLabel, "label", "--label_column_name"
-    )
+    reference = splits["validation"] if len(splits["train"]) == 0 and "validation" in splits else splits["train"]
+    image_column = _resolve_column(reference, image_column_name, datasets.Image, "image", "--image_column_name")
+    label_column = _resolve_column(reference, label_column_name, datasets.ClassLabel, "label", "--label_column_name")
     columns = ((image_column, "image", "--image_column_name"), (label_column, "label", "--label_column_name"))
     train, validation, held_out = _held_out_split(splits, validation_split_name, columns, train_val_split, split_seed)
     train, validation = _encode_labels(train, validation, label_column)
     labels = list(train.features[label_column].names)
+    if not evaluation_only and len(labels) < 2:
+        raise DataError(
+            f"The training data of {dataset_name} has {len(labels)} class(es) ({labels}): a classifier needs at "
+            "least two (for image folders: one sub-folder per class)."
+        )
 
     undecoded = datasets.Image(decode=False)
     train, validation = (
@@ -319,12 +366,14 @@ def load_image_classification_data(
         for split in (train, validation)
     )
     for split, dataset in (("train", train), ("validation", validation)):
-        if len(dataset) == 0:
+        if len(dataset) == 0 and not (split == "train" and evaluation_only):
             raise DataError(f"The {split} split of {dataset_name} is empty.")
     if max_train_samples is not None:
         train = train.select(range(min(max_train_samples, len(train))))
     if max_eval_samples is not None:
         validation = validation.select(range(min(max_eval_samples, len(validation))))
+    for split, dataset in (("train", train), (held_out, validation)):
+        _check_labelled(dataset, image_column, label_column, split)
 
     skipped = 0
     if check_images != "none":

@@ -43,6 +43,10 @@ IMAGES_DIR_NAME = "images"
 BOX_TOLERANCE = 1.0
 """Pixels a box may extend past its image before it counts as an error (it is clipped instead)."""
 MAX_NAMED_PROBLEMS = 10
+"""Bad annotations described in full in a message; the ids of the others follow."""
+
+AnnotationProblem = tuple[object, str]
+"""A bad annotation: its id (None when it has none) and what is wrong with it."""
 
 
 @dataclass
@@ -134,8 +138,12 @@ def _resolve_image_path(folder: Path, file_name: str) -> Path:
     return folder / IMAGES_DIR_NAME / file_name  # missing: the up-front image check names it and skips it
 
 
-def load_coco_folder(folder: str, categories: list[str] | None = None) -> tuple[datasets.Dataset, list[str]]:
-    """A COCO folder as a dataset in the `objects` layout, and its category names.
+def load_coco_folder(
+    folder: str, categories: list[str] | None = None
+) -> tuple[datasets.Dataset, list[str], list[AnnotationProblem]]:
+    """A COCO folder as a dataset in the `objects` layout, its category names, and the annotations left out of it
+    because they name an unknown image or category or have no [x, y, width, height] box (`validate_objects`
+    reports them with the problems of the boxes kept, in one message).
 
     With `categories` (the names of the training split), a validation folder must use the same names; its COCO ids
     may differ.
@@ -172,23 +180,27 @@ def load_coco_folder(folder: str, categories: list[str] | None = None) -> tuple[
     for annotation in coco["annotations"]:
         annotation_id = annotation.get("id")
         if annotation.get("image_id") not in images:
-            problems.append(f"annotation {annotation_id}: unknown image_id {annotation.get('image_id')!r}")
+            problems.append(
+                (annotation_id, f"annotation {annotation_id}: unknown image_id {annotation.get('image_id')!r}")
+            )
             continue
         if annotation.get("category_id") not in coco_to_label:
             problems.append(
-                f"annotation {annotation_id}: unknown category_id {annotation.get('category_id')!r} "
-                f"(categories: {sorted(coco_to_label)})"
+                (
+                    annotation_id,
+                    f"annotation {annotation_id}: unknown category_id {annotation.get('category_id')!r} "
+                    f"(categories: {sorted(coco_to_label)})",
+                )
             )
             continue
         bbox = annotation.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            problems.append(f"annotation {annotation_id}: bbox {bbox!r} is not [x, y, width, height]")
+            problems.append((annotation_id, f"annotation {annotation_id}: bbox {bbox!r} is not [x, y, width, height]"))
             continue
         objects = images[annotation["image_id"]]["objects"]
         objects["bbox"].append([float(value) for value in bbox])
         objects["category"].append(coco_to_label[annotation["category_id"]])
         objects["id"].append(int(annotation_id) if annotation_id is not None else -1)
-    _raise_problems(problems, str(annotations_file))
     rows = list(images.values())
     if not rows:
         raise DataError(f"{str(annotations_file)!r} lists no images.")
@@ -207,15 +219,20 @@ def load_coco_folder(folder: str, categories: list[str] | None = None) -> tuple[
     )
     columns = {key: [row[key] for row in rows] for key in features}
     columns["image"] = [{"path": row["image"], "bytes": None} for row in rows]
-    return datasets.Dataset.from_dict(columns, features=features), label_names
+    return datasets.Dataset.from_dict(columns, features=features), label_names, problems
 
 
-def _raise_problems(problems: list[str], where: str) -> None:
-    if problems:
-        more = f" (and {len(problems) - MAX_NAMED_PROBLEMS} more)" if len(problems) > MAX_NAMED_PROBLEMS else ""
-        raise DataError(
-            f"{len(problems)} bad annotation(s) in {where}: " + "; ".join(problems[:MAX_NAMED_PROBLEMS]) + more
-        )
+def _raise_problems(problems: Sequence[AnnotationProblem], where: str) -> None:
+    """One `DataError` for every bad annotation: the first `MAX_NAMED_PROBLEMS` described, the ids of the rest."""
+    if not problems:
+        return
+    described = "; ".join(text for _, text in problems[:MAX_NAMED_PROBLEMS])
+    rest = problems[MAX_NAMED_PROBLEMS:]
+    more = ""
+    if rest:
+        ids = ", ".join(str(annotation_id) for annotation_id, _ in rest if annotation_id is not None)
+        more = f" (and {len(rest)} more" + (f": annotation ids {ids}" if ids else "") + ")"
+    raise DataError(f"{len(problems)} bad annotation(s) in {where}: {described}{more}")
 
 
 # ------------------------------------------------------------------------------------------------ datasets objects
@@ -274,41 +291,58 @@ def _image_sizes(dataset: datasets.Dataset, image_column: str) -> list[tuple[int
     return [size_of(value) for value in dataset.select_columns([image_column])[image_column]]
 
 
-def validate_objects(dataset: datasets.Dataset, image_column: str, num_categories: int, split: str) -> None:
-    """Raise `DataError` naming the row/file and annotation id of every unknown category or box outside its image."""
+def validate_objects(
+    dataset: datasets.Dataset,
+    image_column: str,
+    num_categories: int,
+    split: str,
+    problems: Sequence[AnnotationProblem] = (),
+) -> None:
+    """Raise one `DataError` naming the row/file and annotation id of every unknown category, box without area or
+    box outside its image, together with the `problems` already found (a COCO file's annotations left out)."""
     sizes = _image_sizes(dataset, image_column)
-    problems = []
+    problems = list(problems)
     for index, (objects, image, size) in enumerate(
         zip(dataset["objects"], dataset.select_columns([image_column])[image_column], sizes)
     ):
         where = describe_image(image, index, split)
         ids = objects.get("id") or [None] * len(objects["bbox"])
         if len(objects["category"]) != len(objects["bbox"]):
-            problems.append(f"{where}: {len(objects['bbox'])} boxes but {len(objects['category'])} categories")
+            problems.append((None, f"{where}: {len(objects['bbox'])} boxes but {len(objects['category'])} categories"))
             continue
         for annotation_id, box, category in zip(ids, objects["bbox"], objects["category"]):
             label = f"{where}, annotation {annotation_id}" if annotation_id is not None else where
             if not 0 <= int(category) < num_categories:
-                problems.append(f"{label}: unknown category {category} (valid: 0..{num_categories - 1})")
+                problems.append(
+                    (annotation_id, f"{label}: unknown category {category} (valid: 0..{num_categories - 1})")
+                )
                 continue
             if box is None or len(box) != 4:
-                problems.append(f"{label}: bbox {box!r} is not [x, y, width, height]")
+                problems.append((annotation_id, f"{label}: bbox {box!r} is not [x, y, width, height]"))
                 continue
             x, y, width, height = box
             if not (width > 0 and height > 0):
-                problems.append(f"{label}: box {box} has no area")
+                problems.append((annotation_id, f"{label}: box {box} has no area"))
             elif size is not None and (
                 x < -BOX_TOLERANCE
                 or y < -BOX_TOLERANCE
                 or x + width > size[0] + BOX_TOLERANCE
                 or y + height > size[1] + BOX_TOLERANCE
             ):
-                problems.append(f"{label}: box [x, y, w, h] = {box} lies outside the {size[0]}x{size[1]} image")
+                problems.append(
+                    (annotation_id, f"{label}: box [x, y, w, h] = {box} lies outside the {size[0]}x{size[1]} image")
+                )
     _raise_problems(problems, f"the {split} split")
 
 
 def _prepare_split(
-    dataset: datasets.Dataset, image_column: str, num_categories: int, split: str, check_images: str, num_proc
+    dataset: datasets.Dataset,
+    image_column: str,
+    num_categories: int,
+    split: str,
+    check_images: str,
+    num_proc: int | None,
+    problems: Sequence[AnnotationProblem] = (),
 ) -> tuple[datasets.Dataset, int]:
     """Validated split with unreadable images dropped; done before any train/validation split, so the rows named in
     messages are the rows of the data as given."""
@@ -318,7 +352,7 @@ def _prepare_split(
             f"The {split} split has no image column {image_column!r}; available columns: {dataset.column_names}."
         )
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    validate_objects(dataset, image_column, num_categories, split)
+    validate_objects(dataset, image_column, num_categories, split, problems)
     skipped = 0
     if check_images != "none":
         dataset, skipped = drop_unreadable_images(dataset, image_column, split, check_images == "decode", num_proc)
@@ -360,14 +394,17 @@ def load_detection_data(
             raise DataError(f"The dataset has no split {held_out!r}; available splits: {list(splits)}.")
         validation = splits[held_out] if held_out else None
         name = dataset_name + (f" ({dataset_config_name})" if dataset_config_name else "")
+        train_problems, validation_problems = [], []
     else:
-        train, categories = load_coco_folder(train_dir)
-        validation, held_out = None, None
+        train, categories, train_problems = load_coco_folder(train_dir)
+        validation, held_out, validation_problems = None, None, []
         if validation_dir is not None:
-            validation, _ = load_coco_folder(validation_dir, categories)
+            validation, _, validation_problems = load_coco_folder(validation_dir, categories)
             held_out = f"coco:{validation_dir}"
         name = f"coco:{train_dir}"
-    train, skipped = _prepare_split(train, image_column_name, len(categories), "train", check_images, num_proc)
+    train, skipped = _prepare_split(
+        train, image_column_name, len(categories), "train", check_images, num_proc, train_problems
+    )
     if validation is None:
         if not 0.0 < train_val_split < 1.0:
             raise DataError(f"train_val_split must lie in (0, 1), got {train_val_split}.")
@@ -376,7 +413,7 @@ def load_detection_data(
         held_out = f"train[{train_val_split:.0%} held out, seed {split_seed}]"
     else:
         validation, skipped_validation = _prepare_split(
-            validation, image_column_name, len(categories), "validation", check_images, num_proc
+            validation, image_column_name, len(categories), "validation", check_images, num_proc, validation_problems
         )
         skipped += skipped_validation
     return DetectionData(

@@ -3,7 +3,9 @@
 `load_segmentation_data` reads either a `datasets` dataset with an image and a mask column (such as
 `scene_parse_150`) or folders laid out as `<dir>/images/<stem>.<ext>` + `<dir>/masks/<stem>.png` (single-channel
 masks, pixel value = class id; palette PNGs give their palette indices), holds out part of train when there is no
-validation split, and keeps the first N samples on request. `SegmentationDataset` turns pairs into training samples
+validation split, keeps the first N samples on request, and skips pairs whose image or mask cannot be opened with a
+warning that counts them (`drop_unreadable_pairs`, the bad-data policy of `modeling_pvt.data.sources`).
+`SegmentationDataset` turns pairs into training samples
 (random rescale, crop padded with `ignore_index`, flip: `train_transform`, seeded per sample for exact resume) or
 evaluation samples (the saved image processor's resize; the mask keeps its own size, `collate_eval` pads batches).
 Class ids are relabelled as the `mean_iou` metric does (`reduce_labels`: ADE20K's 0 = "other" becomes ignored).
@@ -27,7 +29,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..hub.results import dataset_fields
 from ..metrics.mean_iou.mean_iou import relabel
 from .sampling import EpochSeededDataset
-from .sources import IMAGE_EXTENSIONS, DataError, load_named_dataset
+from .sources import IMAGE_EXTENSIONS, DataError, drop_unreadable_images, load_named_dataset
 
 MASK_COLUMN_CANDIDATES = ("label", "annotation", "mask", "segmentation", "semantic_segmentation")
 
@@ -193,7 +195,23 @@ def load_segmentation_data(
         train = train.select(range(min(max_train_samples, len(train))))
     if max_eval_samples is not None:
         validation = validation.select(range(min(max_eval_samples, len(validation))))
-    return SegmentationData(train, validation, dataset_name, dataset_config_name, validation_split_name)
+    train, skipped_train = drop_unreadable_pairs(train, "train")
+    validation, skipped_validation = drop_unreadable_pairs(validation, "validation")
+    skipped = skipped_train + skipped_validation
+    return SegmentationData(train, validation, dataset_name, dataset_config_name, validation_split_name, skipped)
+
+
+def drop_unreadable_pairs(pairs: datasets.Dataset, split: str) -> tuple[datasets.Dataset, int]:
+    """Pairs whose image or mask cannot be opened are skipped, with one warning each for images and masks that
+    counts them and names the first files (`drop_unreadable_images`, the policy of every task's data)."""
+    skipped = 0
+    for column, what in (("image", split), ("label", f"{split} masks")):
+        if not isinstance(pairs.features[column], datasets.Image):
+            continue
+        pairs, dropped = drop_unreadable_images(pairs.cast_column(column, datasets.Image(decode=False)), column, what)
+        pairs = pairs.cast_column(column, datasets.Image())
+        skipped += dropped
+    return pairs, skipped
 
 
 # ------------------------------------------------------------------------------------------------------- classes

@@ -3,13 +3,13 @@
 - `load_named_dataset`: a dataset saved on disk (`save_to_disk`) or one `datasets` can load by name;
 - `drop_unreadable_images`: the up-front check; unreadable images are skipped with one warning that counts them;
 - `decode_image`: decoding while a batch is built; a failure raises `UnreadableImageError` naming the file;
-- `DataError` / `exit_on_data_error`: the dataset cannot be used as asked; scripts print one line, not a traceback.
+- `DataError`: the dataset cannot be used as asked; the scripts end every process with its one line, not a
+  traceback (`modeling_pvt.training.launch.stop_all_on_user_error`).
 """
 
 import io
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -31,15 +31,6 @@ class DataError(ValueError):
 
 class UnreadableImageError(RuntimeError):
     """An image could not be decoded while building a batch."""
-
-
-@contextmanager
-def exit_on_data_error():
-    """For command-line scripts: a `DataError` in the block ends the process with its message, not a traceback."""
-    try:
-        yield
-    except DataError as error:
-        raise SystemExit(f"Data error: {error}") from error
 
 
 def find_image_files(folder: Path, limit: int = 1) -> list[Path]:
@@ -103,6 +94,8 @@ def drop_unreadable_images(
     num_proc: int | None = None,
 ) -> tuple[datasets.Dataset, int]:
     """Skip rows whose image cannot be opened; warn once with the count and the first file names."""
+    if len(dataset) == 0:
+        return dataset, 0
     checked = dataset.select_columns([image_column]).map(
         lambda batch: {"problem": [_image_problem(value, full_decode) for value in batch[image_column]]},
         batched=True,

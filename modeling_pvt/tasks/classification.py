@@ -7,7 +7,6 @@ stochastic depth 0.1 (tiny, small) or 0.3 (medium, large), gradient clipping at 
 dataset the digits recipe trains PVT-tiny on scikit-learn's digits.
 """
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -36,7 +35,7 @@ from ..hub.model_card import render_trained_card
 from ..hub.results import IMAGE_CLASSIFICATION
 from ..image_processing_pvt import PvtImageProcessor
 from ..modeling_pvt import PvtForImageClassification
-from ..training.options import TrainingArguments, apply_recipe
+from ..training.options import TrainingArguments, apply_recipe, loading_pretrained, parse_config_overrides
 from ..training.run import TaskDatasets, TrainingTask, default_repo_id
 from .evaluation import evaluate_classifier
 
@@ -133,7 +132,8 @@ class ClassificationArguments:
     )
 
     def config_overrides_dict(self) -> dict:
-        return json.loads(self.config_overrides) if self.config_overrides else {}
+        """`--config_overrides` as a dict; a field PvtConfig does not have raises `OptionError`."""
+        return parse_config_overrides(self.config_overrides, PvtConfig)
 
 
 RECIPE_SETTINGS = (
@@ -178,13 +178,14 @@ def build_classifier(
     label_kwargs = {"num_labels": len(data.labels), "id2label": data.id2label, "label2id": data.label2id}
     overrides = model_args.config_overrides_dict()
     if model_args.model_name_or_path:
-        model = PvtForImageClassification.from_pretrained(
-            model_args.model_name_or_path,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            drop_path_rate=model_args.drop_path_rate,
-            **label_kwargs,
-            **overrides,
-        )
+        with loading_pretrained("--model_name_or_path", model_args.model_name_or_path):
+            model = PvtForImageClassification.from_pretrained(
+                model_args.model_name_or_path,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                drop_path_rate=model_args.drop_path_rate,
+                **label_kwargs,
+                **overrides,
+            )
     else:
         config = PvtConfig.from_preset(
             model_args.model_size,
@@ -240,6 +241,9 @@ class ClassificationTask(TrainingTask):
 
     def hyperparameters(self) -> dict:
         return {**asdict(self.data_args), **asdict(self.model_args), **asdict(self.args)}
+
+    def check_options(self) -> None:
+        self.model_args.config_overrides_dict()
 
     def load_data(self) -> ImageClassificationData:
         return self.data_args.load()

@@ -6,7 +6,6 @@ the same processes first when absent): pretrain, then detect. With a dataset (CO
 in the `objects` layout) it follows the transformers detectors' own defaults (DETR / Deformable DETR papers).
 """
 
-import json
 import os
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -37,12 +36,13 @@ from ..data.digit_canvases import (
 from ..hub.model_card import render_trained_card
 from ..hub.results import OBJECT_DETECTION
 from ..modeling_pvt import PvtBackbone
-from ..training.options import TrainingArguments, apply_recipe
+from ..training.options import TrainingArguments, apply_recipe, loading_pretrained, parse_config_overrides
 from ..training.run import TaskDatasets, TrainingTask, default_repo_id, run_training
 from .classification import ClassificationArguments, ClassificationTask
 from .classification import complete_recipe as complete_classification_recipe
 from .detection_evaluation import evaluate_detector
 from .detectors import (
+    DETECTORS,
     build_detector,
     build_detector_config,
     build_image_processor,
@@ -219,8 +219,10 @@ class DetectionArguments:
         return None
 
     def detector_overrides(self) -> dict:
+        """`--config_overrides` (fields of the detector's config: an unknown one raises `OptionError`), else the
+        digits' small detector for the embedded default."""
         if self.config_overrides:
-            return json.loads(self.config_overrides)
+            return parse_config_overrides(self.config_overrides, DETECTORS[self.detector].config_class)
         return dict(DIGITS_DETECTOR_SETTINGS[self.detector]) if self.uses_embedded_dataset else {}
 
 
@@ -290,7 +292,8 @@ def build_detection_model(detection_args: DetectionArguments, data: DetectionDat
     """The detector on a PvtBackbone (pretrained or of a paper size) and its image processor."""
     pretrained = None
     if detection_args.backbone_name_or_path is not None:
-        pretrained = PvtBackbone.from_pretrained(detection_args.backbone_name_or_path)
+        with loading_pretrained("--backbone_name_or_path", detection_args.backbone_name_or_path):
+            pretrained = PvtBackbone.from_pretrained(detection_args.backbone_name_or_path)
         backbone_config = pretrained.config
     else:
         backbone_config = PvtConfig.from_preset(detection_args.model_size)
@@ -323,6 +326,9 @@ class DetectionTask(TrainingTask):
         # Some heads take part in the loss only in some configurations (per-layer class heads without the auxiliary
         # loss, RT-DETR's denoising parts): DDP must not wait for their gradients.
         return {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
+
+    def check_options(self) -> None:
+        self.detection_args.detector_overrides()
 
     def load_data(self) -> DetectionData:
         return load_data(self.detection_args, self.args.seed)

@@ -28,7 +28,7 @@ from ..hub.model_card import render_trained_card
 from ..hub.results import SEMANTIC_SEGMENTATION
 from ..modeling_pvt import PvtBackbone
 from ..modeling_pvt_heads import UperNetForSemanticSegmentation
-from ..training.options import TrainingArguments, apply_recipe
+from ..training.options import TrainingArguments, apply_recipe, loading_pretrained
 from ..training.run import TaskDatasets, TrainingTask, default_repo_id
 from .evaluation import evaluate_segmentation
 
@@ -109,16 +109,21 @@ def build_segmenter(
     id2label = dict(enumerate(labels))
     label_kwargs = {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if model_args.model_name_or_path:
-        return UperNetForSemanticSegmentation.from_pretrained(
-            model_args.model_name_or_path, loss_ignore_index=ignore_index, ignore_mismatched_sizes=True, **label_kwargs
-        )
+        with loading_pretrained("--model_name_or_path", model_args.model_name_or_path):
+            return UperNetForSemanticSegmentation.from_pretrained(
+                model_args.model_name_or_path,
+                loss_ignore_index=ignore_index,
+                ignore_mismatched_sizes=True,
+                **label_kwargs,
+            )
     backbone = None
     if model_args.backbone_name_or_path:
-        backbone = PvtBackbone.from_pretrained(
-            model_args.backbone_name_or_path,
-            drop_path_rate=model_args.drop_path_rate,
-            out_features=["stage1", "stage2", "stage3", "stage4"],
-        )
+        with loading_pretrained("--backbone_name_or_path", model_args.backbone_name_or_path):
+            backbone = PvtBackbone.from_pretrained(
+                model_args.backbone_name_or_path,
+                drop_path_rate=model_args.drop_path_rate,
+                out_features=["stage1", "stage2", "stage3", "stage4"],
+            )
         backbone_config = backbone.config
     else:
         backbone_config = PvtConfig.from_preset(model_args.model_size, drop_path_rate=model_args.drop_path_rate)
@@ -218,7 +223,10 @@ class SegmentationTask(TrainingTask):
             title=f"UperNet + PVT on {data.name}",
             summary="A semantic-segmentation model: UperNet (transformers) on a Pyramid Vision Transformer backbone "
             f"(PVT v1, [arXiv 2102.12122](https://arxiv.org/abs/2102.12122)) initialised from {backbone}, trained "
-            f"with `modeling_pvt`'s `{self.script}` on {results['num_labels']} classes.",
+            f"with `modeling_pvt`'s `{self.script}` on {results['num_labels']} classes.\n\n"
+            "**Loading needs the PVT code**: pass `trust_remote_code=True` (the folder carries the code), or "
+            "`import modeling_pvt` first. Stock transformers has no PVT v1 backbone; without either, it asks for "
+            "`trust_remote_code=True`.",
             results=results,
             source=f"`{self.script}` at the end of training",
             run_summary=f"Per-class IoU: {per_class}. Training took {results['train_runtime']:.1f} s on "

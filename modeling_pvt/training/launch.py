@@ -1,23 +1,42 @@
-"""How a training process starts: the one CPU-host launch rule, logging, the allocator, compilation and tracking.
+"""How a training process starts: the one CPU-host launch rule, logging, the allocator, compilation and tracking,
+and how every process of a run stops together on a user's mistake.
 
 `accelerate launch --multi_gpu` on a host without GPUs starts N processes that accelerate joins into one gloo group
 only when told to use the CPU (`cpu_only_host`); `trainer_launch_arguments` applies the same rule to a `Trainer`.
+
+A mistake found before training (a `DataError` or an `OptionError`) ends the run through `stop_all_on_user_error`:
+every process reaches the same decision, the main process prints the one line, and all exit at once with code 1,
+without a traceback. Under `accelerate launch --multi_gpu` (torchrun) a non-zero exit always makes the launcher
+print its `ChildFailedError` report; the processes hand torchrun the same line as their error, so the report ends
+with it (`traceback : Data error: ...`, then torchrun's closing rule).
 """
 
+import json
 import logging
+import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import datasets
 import torch
 import transformers
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, gather_object
 
+from ..data.sources import DataError
 from ..runtime import configure_allocator
-from .options import TrainingArguments
+from .options import OptionError, TrainingArguments
 
 logger = get_logger(__name__)
+
+Result = TypeVar("Result")
+
+USER_ERRORS = {DataError: "Data error", OptionError: "Option error"}
+"""The mistakes a user can fix, and the word their one line starts with."""
 
 
 def cpu_only_host() -> bool:
@@ -49,9 +68,55 @@ def setup_accelerator(output_dir: str | Path | None = None, **accelerator_kwargs
         datasets.disable_progress_bars()
         transformers.utils.logging.set_verbosity_error()
     logger.info(accelerator.state, main_process_only=False)
-    if output_dir and accelerator.is_main_process:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def stop_all_on_user_error(step: Callable[[], Result], main_process_first: bool = False) -> Result:
+    """`step()` on every process, or, when it raises a user's mistake (`USER_ERRORS`) on any of them, the end of
+    every process with that one line (see the module docstring). With `main_process_first` the main process runs
+    `step` alone first (e.g. to fill a cache the others reuse) and the others skip it when it failed there."""
+    state = PartialState()
+    result, problem = None, None
+    if main_process_first and state.num_processes > 1:
+        if state.is_main_process:
+            result, problem = _attempt(step)
+        problem = broadcast_object_list([problem])[0]
+        if problem is None and not state.is_main_process:
+            result, problem = _attempt(step)
+    else:
+        result, problem = _attempt(step)
+    problems = gather_object([problem]) if state.num_processes > 1 else [problem]
+    first = next((message for message in problems if message), None)
+    if first is not None:
+        _exit_together(state, first)
+    return result
+
+
+def _attempt(step: Callable[[], Result]) -> tuple[Result | None, str | None]:
+    try:
+        return step(), None
+    except tuple(USER_ERRORS) as error:
+        kind = next(word for error_type, word in USER_ERRORS.items() if isinstance(error, error_type))
+        return None, f"{kind}: {error}"
+
+
+def _exit_together(state: PartialState, message: str) -> NoReturn:
+    """Every process calls this with the same `message`: the main process prints it, all exit with code 1."""
+    if state.num_processes == 1:
+        raise SystemExit(message)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun's per-process error record, which its failure report prints
+        Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    if state.is_main_process:
+        sys.stderr.write(message + "\n")  # the script's last words, not a log record
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # At once, without the interpreter's teardown: torchrun stops the processes still running when one has ended,
+    # and would report them as killed.
+    os._exit(1)
 
 
 def compile_model(model: torch.nn.Module, backend: str | None) -> None:

@@ -6,17 +6,28 @@ Names follow transformers' `TrainingArguments` and example scripts where they ha
 (`apply_recipe`): the embedded default's recipe without a dataset, the paper's with one.
 """
 
+import argparse
 import dataclasses
+import difflib
+import inspect
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, TypeVar
 
-from transformers import HfArgumentParser
+from huggingface_hub import constants
+from transformers import HfArgumentParser, PreTrainedConfig
 
 from .profiling import PROFILE_DIR_NAME, LoopClock
 
 Arguments = TypeVar("Arguments")
+
+
+class OptionError(ValueError):
+    """An option names something that is not there: a model folder or Hub id, a config field. Like a `DataError`,
+    it ends every process of a run with one line (`modeling_pvt.training.launch.stop_all_on_user_error`)."""
 
 
 def _help(text: str) -> dict:
@@ -117,14 +128,64 @@ def apply_recipe(arguments: Sequence, recipe: Mapping[str, object]) -> None:
         raise KeyError(f"Recipe entries that name no option: {sorted(unused)}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with each option's default, except where it is None or the text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_arguments(
     dataclass_types: Sequence[type], argv: Sequence[str] | None = None, description: str | None = None, epilog=None
 ) -> tuple[HfArgumentParser, tuple]:
     """Parse `argv` into instances of `dataclass_types`; an invalid value ends with the parser's usage line and the
     reason, not a traceback. Returns the parser too, for the script's own cross-option checks (`parser.error`)."""
-    parser = HfArgumentParser(dataclass_types, description=description, epilog=epilog)
+    parser = HfArgumentParser(dataclass_types, description=description, epilog=epilog, formatter_class=HelpFormatter)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:
         parser.error(str(error))
     return parser, tuple(parsed)
+
+
+def parse_config_overrides(text: str | None, config_class: type[PreTrainedConfig]) -> dict:
+    """`--config_overrides` (a JSON object) as a dict. Keys that `config_class` does not have are refused with an
+    `OptionError` naming the nearest valid key: a config would store them silently and the model ignore them."""
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise OptionError(f"--config_overrides {text!r} is not valid JSON: {error}.") from error
+    if not isinstance(overrides, dict):
+        raise OptionError(f"--config_overrides must be a JSON object of config fields, got {text!r}.")
+    valid = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters)
+    valid -= {"self", "kwargs"}
+    unknown = [key for key in overrides if key not in valid]
+    if unknown:
+        described = []
+        for key in unknown:
+            nearest = difflib.get_close_matches(key, sorted(valid), n=1)
+            described.append(f"{key!r}" + (f" (did you mean {nearest[0]!r}?)" if nearest else ""))
+        raise OptionError(f"--config_overrides: {config_class.__name__} has no field {', '.join(described)}.")
+    return overrides
+
+
+@contextmanager
+def loading_pretrained(option: str, name_or_path: str) -> Iterator[None]:
+    """`from_pretrained` calls in the block: a name that is neither a folder nor a Hub model id that could be loaded
+    ends as one `OptionError` line instead of the Hub client's traceback."""
+    try:
+        yield
+    except OSError as error:
+        if Path(name_or_path).exists():
+            raise
+        if constants.HF_HUB_OFFLINE:  # the Hub client's reason would only say that it could not connect
+            reason = " (HF_HUB_OFFLINE is set: only models in the cache load)"
+        else:
+            reason = ": " + str(error).splitlines()[0].rstrip(".")
+        raise OptionError(
+            f"{option} {name_or_path!r}: no such folder, and not a Hub model id that could be loaded{reason}."
+        ) from error

@@ -4,8 +4,10 @@
 The skeleton's order, which every task shares:
 
 1. the accelerator (launch rule, logging, gradient accumulation, trackers);
-2. the data, read by the main process first (the others reuse its cache); a `DataError` ends every process with
-   one line;
+2. the task's own option checks, then the data, read by the main process first (the others reuse its cache); a
+   user's mistake found before training (`DataError`, `OptionError`: an unknown config field, a model that is not
+   there, a dataset smaller than one batch per process) ends every process with one line
+   (`launch.stop_all_on_user_error`);
 3. the model, with the same initial weights on every rank (`set_seed(seed)`), compiled in place when asked; then
    per-rank seeds, so augmentation noise, Mixup and stochastic depth differ between ranks;
 4. loaders ordered and augmented as pure functions of (seed, epoch, index), the fused AdamW, the step plan and the
@@ -29,8 +31,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from ..data.sampling import build_eval_dataloader, build_train_dataloader
-from ..data.sources import exit_on_data_error
-from .launch import compile_model, compiled_graph_count, setup_training, start_tracking
+from ..data.sources import DataError
+from .launch import compile_model, compiled_graph_count, setup_training, start_tracking, stop_all_on_user_error
 from .loop import TrainingLoop
 from .optimization import build_lr_scheduler, build_optimizer, plan_steps
 from .options import TrainingArguments
@@ -63,6 +65,10 @@ class TrainingTask:
         self.args = args
         self.command = shlex.join([self.script, *sys.argv[1:]])
         """The command line a model card shows."""
+
+    def check_options(self) -> None:
+        """Checks of the task's options that need no data (e.g. `--config_overrides` fields), before the data is
+        read; a mistake raises `OptionError`."""
 
     def accelerator_kwargs(self) -> dict:
         """Extra `Accelerator` arguments (e.g. DDP options)."""
@@ -158,6 +164,19 @@ def build_dataloaders(task: TrainingTask, datasets: TaskDatasets) -> tuple:
     return train, validation
 
 
+def build_task_datasets(task: TrainingTask, data, processor, num_processes: int) -> TaskDatasets:
+    """The task's datasets; a training set smaller than one batch on every process (the training loader drops
+    incomplete batches) makes no optimizer step: a `DataError`."""
+    datasets = task.build_datasets(data, processor)
+    batch = task.args.per_device_train_batch_size
+    if len(datasets.train) < batch * num_processes:
+        raise DataError(
+            f"The training set has {len(datasets.train)} sample(s), fewer than one batch on every process "
+            f"(--per_device_train_batch_size {batch} x {num_processes} process(es)): add data or lower the batch size."
+        )
+    return datasets
+
+
 def build_schedule(task: TrainingTask, accelerator: Accelerator, optimizer, train_dataloader) -> tuple:
     """The step plan of the prepared loader (written back into the options) and the scheduler."""
     args = task.args
@@ -180,13 +199,13 @@ def run_training(task: TrainingTask, *, end_process_group: bool = True) -> dict:
     args = task.args
     accelerator = setup_training(args, **task.accelerator_kwargs())
     set_seed(args.seed)  # the same initial weights on every rank
-    with accelerator.main_process_first(), exit_on_data_error():
-        data = task.load_data()
-    model, processor = task.build_model(data, accelerator)
+    stop_all_on_user_error(task.check_options)
+    data = stop_all_on_user_error(task.load_data, main_process_first=True)
+    model, processor = stop_all_on_user_error(lambda: task.build_model(data, accelerator))
     compile_model(task.module_to_compile(model), args.compile_backend)
     set_seed(args.seed, device_specific=True)
 
-    datasets = task.build_datasets(data, processor)
+    datasets = stop_all_on_user_error(lambda: build_task_datasets(task, data, processor, accelerator.num_processes))
     train_dataloader, eval_dataloader = build_dataloaders(task, datasets)
     global_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     task.prepare(accelerator, global_batch_size)
