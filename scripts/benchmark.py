@@ -916,9 +916,13 @@ def markdown_table(results: dict) -> str:
             f"torch.compile, {compiled['case']}: stock {images['stock compiled']:.1f} img/s, ours "
             f"{images['ours compiled']:.1f} img/s ({compiled['ours_compiled_vs_stock_compiled']:.2f}x).",
         ]
-    if results["targets"]:
-        lines += ["", "| Target | goal | measured | met |", "|---|---:|---:|:---:|"]
-    for target in results["targets"]:
+    return "\n".join(lines + targets_table(results["targets"]))
+
+
+def targets_table(targets: list[dict]) -> list[str]:
+    """The speed targets as Markdown table lines (none when there are no targets)."""
+    lines = ["", "| Target | goal | measured | met |", "|---|---:|---:|:---:|"] if targets else []
+    for target in targets:
         if target["target"].startswith("mfu"):
             goal, measured = f">= {target['goal']:.0%}", f"{target['measured']:.1%}"
         elif target["target"].endswith("memory_ratio"):
@@ -926,7 +930,7 @@ def markdown_table(results: dict) -> str:
         else:
             goal, measured = f">= {target['goal']:.2f}x", f"{target['measured']:.2f}x"
         lines.append(f"| {target['what']} | {goal} | {measured} | {'yes' if target['met'] else 'no'} |")
-    return "\n".join(lines)
+    return lines
 
 
 def write_chart(results: dict, path: Path) -> None:

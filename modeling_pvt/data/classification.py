@@ -307,6 +307,21 @@ def _encode_labels(
     )
 
 
+def _drop_unreadable(
+    train: datasets.Dataset, validation: datasets.Dataset, image_column: str, check_images: str, num_proc: int | None
+) -> tuple[datasets.Dataset, datasets.Dataset, int]:
+    """Both splits without their unreadable images (`check_images`: "verify", "decode" or "none"), and how many
+    were skipped."""
+    if check_images == "none":
+        return train, validation, 0
+    full_decode = check_images == "decode"
+    train, skipped_train = drop_unreadable_images(train, image_column, "train", full_decode, num_proc)
+    validation, skipped_validation = drop_unreadable_images(
+        validation, image_column, "validation", full_decode, num_proc
+    )
+    return train, validation, skipped_train + skipped_validation
+
+
 def load_image_classification_data(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -375,14 +390,7 @@ def load_image_classification_data(
     for split, dataset in (("train", train), (held_out, validation)):
         _check_labelled(dataset, image_column, label_column, split)
 
-    skipped = 0
-    if check_images != "none":
-        full_decode = check_images == "decode"
-        train, skipped_train = drop_unreadable_images(train, image_column, "train", full_decode, num_proc)
-        validation, skipped_validation = drop_unreadable_images(
-            validation, image_column, "validation", full_decode, num_proc
-        )
-        skipped = skipped_train + skipped_validation
+    train, validation, skipped = _drop_unreadable(train, validation, image_column, check_images, num_proc)
     return ImageClassificationData(
         train=train,
         validation=validation,

@@ -138,6 +138,39 @@ def _resolve_image_path(folder: Path, file_name: str) -> Path:
     return folder / IMAGES_DIR_NAME / file_name  # missing: the up-front image check names it and skips it
 
 
+def _collect_annotations(
+    annotations: list[dict], images: dict, coco_to_label: dict[int, int]
+) -> list[AnnotationProblem]:
+    """Put each usable annotation's box, label and id into its image's `objects`; the problems of the others (an
+    unknown image or category, no [x, y, width, height] box)."""
+    problems = []
+    for annotation in annotations:
+        annotation_id = annotation.get("id")
+        if annotation.get("image_id") not in images:
+            problems.append(
+                (annotation_id, f"annotation {annotation_id}: unknown image_id {annotation.get('image_id')!r}")
+            )
+            continue
+        if annotation.get("category_id") not in coco_to_label:
+            problems.append(
+                (
+                    annotation_id,
+                    f"annotation {annotation_id}: unknown category_id {annotation.get('category_id')!r} "
+                    f"(categories: {sorted(coco_to_label)})",
+                )
+            )
+            continue
+        bbox = annotation.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            problems.append((annotation_id, f"annotation {annotation_id}: bbox {bbox!r} is not [x, y, width, height]"))
+            continue
+        objects = images[annotation["image_id"]]["objects"]
+        objects["bbox"].append([float(value) for value in bbox])
+        objects["category"].append(coco_to_label[annotation["category_id"]])
+        objects["id"].append(int(annotation_id) if annotation_id is not None else -1)
+    return problems
+
+
 def load_coco_folder(
     folder: str, categories: list[str] | None = None
 ) -> tuple[datasets.Dataset, list[str], list[AnnotationProblem]]:
@@ -176,31 +209,7 @@ def load_coco_folder(
             "height": image.get("height"),
             "objects": {"bbox": [], "category": [], "id": []},
         }
-    problems = []
-    for annotation in coco["annotations"]:
-        annotation_id = annotation.get("id")
-        if annotation.get("image_id") not in images:
-            problems.append(
-                (annotation_id, f"annotation {annotation_id}: unknown image_id {annotation.get('image_id')!r}")
-            )
-            continue
-        if annotation.get("category_id") not in coco_to_label:
-            problems.append(
-                (
-                    annotation_id,
-                    f"annotation {annotation_id}: unknown category_id {annotation.get('category_id')!r} "
-                    f"(categories: {sorted(coco_to_label)})",
-                )
-            )
-            continue
-        bbox = annotation.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            problems.append((annotation_id, f"annotation {annotation_id}: bbox {bbox!r} is not [x, y, width, height]"))
-            continue
-        objects = images[annotation["image_id"]]["objects"]
-        objects["bbox"].append([float(value) for value in bbox])
-        objects["category"].append(coco_to_label[annotation["category_id"]])
-        objects["id"].append(int(annotation_id) if annotation_id is not None else -1)
+    problems = _collect_annotations(coco["annotations"], images, coco_to_label)
     rows = list(images.values())
     if not rows:
         raise DataError(f"{str(annotations_file)!r} lists no images.")
