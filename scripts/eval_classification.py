@@ -9,7 +9,7 @@ The checkpoint's own image processor prepares the images, exactly as for inferen
 evaluates on the held-out 20% of scikit-learn's digits, the same images `scripts/train.py` held out; `--validation_dir`
 alone evaluates every image of that folder (one sub-folder per class). The dataset's
 labels are matched to the model's by name when the model has named labels. Unreadable images are skipped with a
-counted warning (see `modeling_pvt.data`). The results follow `modeling_pvt.results` (`eval_accuracy`,
+counted warning (see `modeling_pvt.data.sources`). The results follow `modeling_pvt.hub.results` (`eval_accuracy`,
 `eval_top5_accuracy`, `eval_loss`, `eval_samples`, `dataset_name`, `split`, ...).
 """
 

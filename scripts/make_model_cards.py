@@ -5,10 +5,10 @@
     python scripts/make_model_cards.py --check             # exit 1 if a committed card is stale
     python scripts/make_model_cards.py --results tiny=eval/pvt-tiny.json --namespace my-org --output_dir out
 
-The cards come from `modeling_pvt.model_card.render_paper_size_card`: every number is computed by
-`modeling_pvt.model_facts` or is the paper's ImageNet-1k top-1, labelled as reported by the paper. The `model-index`
-metadata is written only from a results file (`--results size=path.json`, the schema of `modeling_pvt.results`)
-measured by `scripts/eval_classification.py` or a training script, never otherwise.
+The cards come from `modeling_pvt.hub.model_card.render_paper_size_card`: every number is computed by
+`modeling_pvt.hub.model_facts` or is the paper's ImageNet-1k top-1, labelled as reported by the paper. The
+`model-index` metadata is written only from a results file (`--results size=path.json`, the schema of
+`modeling_pvt.hub.results`) measured by `scripts/eval_classification.py` or a training script, never otherwise.
 """
 
 import argparse

@@ -15,8 +15,8 @@ with `modeling_pvt` (every weight must be accounted for; pickled `.bin` weights 
 `auto_map`, `model.safetensors` and the Hub code files (`configuration_pvt.py`, `modeling_pvt.py`,
 `cpu_acceleration.py`, `image_processing_pvt.py`); the image processor adds `preprocessor_config.json`.
 `README.md` is the size's model card
-(`modeling_pvt.model_card`, as `scripts/make_model_cards.py` writes it), with the checkpoint's measured results
-(`eval_results.json` / `all_results.json`, the schema of `modeling_pvt.results`) when present; the size is the
+(`modeling_pvt.hub.model_card`, as `scripts/make_model_cards.py` writes it), with the checkpoint's measured results
+(`eval_results.json` / `all_results.json`, the schema of `modeling_pvt.hub.results`) when present; the size is the
 `--size` given (in `--sizes` mode, the folder's) or the paper size whose ImageNet-1k classifier the config describes.
 Other checkpoints keep the README.md of their folder (the training scripts write one), else get a short card from
 the same renderer. No pickle file is ever published.

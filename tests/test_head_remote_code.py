@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from modeling_pvt.detection.modeling import DETECTORS, build_detector, build_detector_config, build_image_processor
-from modeling_pvt.segmentation_data import build_segmentation_processor
 from script_launch import HUB_TOKEN
 
 from modeling_pvt import PvtConfig
 from modeling_pvt.configuration_pvt_heads import PvtUperNetConfig
+from modeling_pvt.data.segmentation import build_segmentation_processor
 from modeling_pvt.modeling_pvt_heads import UperNetForSemanticSegmentation
+from modeling_pvt.tasks.detectors import DETECTORS, build_detector, build_detector_config, build_image_processor
 
 IMAGE_SIZE = 128  # Deformable DETR's extra level halves the last map once more: it needs 2x2 there
 BACKBONE = dict(hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 2], depths=[1, 1, 1, 1], image_size=32)

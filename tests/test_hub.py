@@ -119,7 +119,7 @@ def assert_no_token_in_files(*folders: Path) -> None:
 
 
 def toy_results(accuracy: float) -> dict:
-    """A results file of the schema every script writes (`modeling_pvt.results`)."""
+    """A results file of the schema every script writes (`modeling_pvt.hub.results`)."""
     return {"eval_accuracy": accuracy, "eval_samples": 16, "dataset_name": "toy-shapes", "split": "validation"}
 
 

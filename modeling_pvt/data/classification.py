@@ -78,7 +78,7 @@ class ImageClassificationData:
         return self.dataset_name + (f" ({self.dataset_config_name})" if self.dataset_config_name else "")
 
     def results_fields(self) -> dict:
-        """What a results file says about the evaluated data (see `modeling_pvt.results`)."""
+        """What a results file says about the evaluated data (see `modeling_pvt.hub.results`)."""
         return dataset_fields(self.dataset_name, self.dataset_config_name, self.validation_split_name)
 
     @property

@@ -3,13 +3,13 @@
 Two templates in `card_templates/`, one rendering path:
 
 - `render_paper_size_card(size, ...)`: the card of one of the paper's four ImageNet-1k classifiers, every number
-  computed by `modeling_pvt.model_facts` or labelled as the paper's (`scripts/make_model_cards.py` writes them to
+  computed by `modeling_pvt.hub.model_facts` or labelled as the paper's (`scripts/make_model_cards.py` writes them to
   `model_cards/`, `scripts/push_to_hub.py` publishes them);
 - `render_trained_card(...)`: the card a training script writes next to the model it trained (classification,
   segmentation, or any other `results.Task`): what was trained, its measured scores, its settings and command.
 
 Both put measured scores in the `model-index` metadata only from a results mapping of the schema in
-`modeling_pvt.results`; nothing else produces a number there.
+`modeling_pvt.hub.results`; nothing else produces a number there.
 """
 
 import functools
@@ -97,8 +97,8 @@ def _computed_facts(size: str) -> dict:
 def render_paper_size_card(size: str, results: Mapping | None = None, repo_id: str | None = None) -> str:
     """The model card of the paper's PVT-`size` ImageNet-1k classifier published as `repo_id`.
 
-    Only with `results` (the schema of `modeling_pvt.results`) does it carry `model-index` metadata and a "measured"
-    section; a results mapping that lacks what those need is refused with `ValueError`.
+    Only with `results` (the schema of `modeling_pvt.hub.results`) does it carry `model-index` metadata and a
+    "measured" section; a results mapping that lacks what those need is refused with `ValueError`.
     """
     if size not in PVT_PRESETS:
         raise ValueError(f"Unknown PVT size {size!r}; choose one of {list(PVT_PRESETS)}.")
@@ -164,7 +164,7 @@ def render_trained_card(
     base_model: str | None = None,
     tags: tuple[str, ...] = (),
 ) -> str:
-    """The card of a model trained with this package: `results` (the schema of `modeling_pvt.results`) measured by
+    """The card of a model trained with this package: `results` (the schema of `modeling_pvt.hub.results`) measured by
     `source`, the training `settings` as a table and the `command` that ran. Works for any `Task`."""
     measured, eval_results = None, None
     if results is not None:

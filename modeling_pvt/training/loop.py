@@ -39,7 +39,7 @@ class TrainingOutcome:
     """Longest wait for the first batch of an epoch after the first (the stall at an epoch boundary), seconds."""
 
     def results_fields(self) -> dict:
-        """What a results file says about the training run (see `modeling_pvt.results`): its length and its speed."""
+        """What a results file says about the training run (`modeling_pvt.hub.results`): its length and its speed."""
         return {
             "train_loss": self.train_loss,
             "epoch": self.epochs,
