@@ -149,7 +149,7 @@ def test_unknown_config_overrides_are_refused_naming_the_nearest_field(tmp_path)
     detection = ["--train_dir", str(tmp_path / "coco"), "--model_size", "tiny", "--detector", "deformable_detr"]
     message = main_exits_with("train_detection", [*detection, "--config_overrides", '{"num_querys": 10}'])
     assert message == (
-        "Option error: --config_overrides: DeformableDetrConfig has no field 'num_querys' (did you mean "
+        "Option error: --config_overrides: PvtDeformableDetrConfig has no field 'num_querys' (did you mean "
         "'num_queries'?)."
     )
     assert main_exits_with("train", ["--config_overrides", "{hidden_sizes", "--output_dir", str(tmp_path)]).startswith(

@@ -222,7 +222,7 @@ class DetectionArguments:
         """`--config_overrides` (fields of the detector's config: an unknown one raises `OptionError`), else the
         digits' small detector for the embedded default."""
         if self.config_overrides:
-            return parse_config_overrides(self.config_overrides, DETECTORS[self.detector].config_class)
+            return parse_config_overrides(self.config_overrides, DETECTORS[self.detector].model_class.config_class)
         return dict(DIGITS_DETECTOR_SETTINGS[self.detector]) if self.uses_embedded_dataset else {}
 
 
