@@ -9,11 +9,7 @@ that layer shape and input size (measured once per process):
   (one pass over memory instead of three);
 - `fused_token_blocks`: the same, a cache-sized block of tokens at a time (everything but the spatial reduction works
   token by token). The MLP's wide activation then stays in cache, and temporaries stay small (a fraction of the peak
-  memory at detection sizes);
-- `fused_packed`: `fused` with the weights kept in oneDNN's blocked layout (`packed_weight`), made once per weight, so
-  a product does not reorder its weight on every call. That reorder reads and writes every weight once per forward,
-  which weighs most where a product has few rows (batch 1, the late stages); ONNX Runtime likewise packs its weights
-  once when a session starts. The blocked copies take as much memory again as the layer's projection weights.
+  memory at detection sizes).
 
 Whether oneDNN's products beat PyTorch's BLAS, and whether blocking pays, depends on the CPU (its ISA, its caches,
 which GEMM library is faster there), so nothing is assumed: the first call of each layer shape and input size times
@@ -42,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
-from torch.utils.weak import WeakIdKeyDictionary
 from transformers.activations import GELUActivation
 from transformers.utils import logging
 
@@ -169,27 +164,11 @@ def fast_path_applies(layer: nn.Module, hidden_states: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------------------------------ oneDNN products
 def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as oneDNN takes it fast: blocked (`packed_weight`), contiguous or a transposed contiguous matrix (a
-    weight with padded rows sends oneDNN down a path about a thousand times slower)."""
-    if weight.is_mkldnn or weight.is_contiguous() or weight.t().is_contiguous():
+    """The weight as oneDNN takes it fast: contiguous or a transposed contiguous matrix (a weight with padded rows
+    sends oneDNN down a path about a thousand times slower)."""
+    if weight.is_contiguous() or weight.t().is_contiguous():
         return weight
     return weight.contiguous()
-
-
-# per projection weight, held weakly: ((its in-place version, its storage), its copy in oneDNN's blocked layout)
-_packed_weights = WeakIdKeyDictionary()
-
-
-def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """`weight` in oneDNN's blocked layout for products of about `rows` input rows, which `linear` and the fused
-    products take as they take the plain weight. Made on the first call and again whenever the weight changed since
-    (in-place updates such as `load_state_dict` bump its version; a new tensor is another key)."""
-    version = (weight._version, weight.data_ptr())
-    cached = _packed_weights.get(weight)
-    if cached is None or cached[0] != version:
-        cached = (version, torch.ops.mkldnn._reorder_linear_weight(_onednn_weight(weight), rows))
-        _packed_weights[weight] = cached
-    return cached[1]
 
 
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,45 +215,32 @@ def token_blocks(batch_size: int, num_tokens: int, tokens_per_block: int) -> lis
 
 
 def _fused(
-    layer: nn.Module,
-    hidden_states: torch.Tensor,
-    height: int,
-    width: int,
-    tokens_per_block: int,
-    packed: bool = False,
+    layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int, tokens_per_block: int
 ) -> torch.Tensor:
     """The layer in eval mode (dropout and drop-path are identities) by oneDNN's fused products, `tokens_per_block`
-    tokens at a time, with the weights blocked once (`packed_weight`) if `packed`. Keys and values come from the
-    spatially reduced sequence of each whole image, computed first."""
+    tokens at a time. Keys and values come from the spatially reduced sequence of each whole image, computed first."""
     attention, projection, mlp = layer.attention.self, layer.attention.output.dense, layer.mlp
     normalized = layer.layer_norm_1(hidden_states)
     reduced = attention.reduce_sequence(normalized, height, width)
-    rows = min(tokens_per_block, hidden_states.shape[0] * hidden_states.shape[1])
-
-    def weight(module: nn.Linear, module_rows: int = rows) -> torch.Tensor:
-        return packed_weight(module.weight, module_rows) if packed else module.weight
-
-    reduced_rows = reduced.shape[0] * reduced.shape[1]
-    key = attention.split_heads(linear(reduced, weight(attention.key, reduced_rows), attention.key.bias))
-    value = attention.split_heads(linear(reduced, weight(attention.value, reduced_rows), attention.value.bias))
+    key = attention.split_heads(linear(reduced, attention.key.weight, attention.key.bias))
+    value = attention.split_heads(linear(reduced, attention.value.weight, attention.value.bias))
     exact_gelu = isinstance(mlp.intermediate_act_fn, GELUActivation) and mlp.intermediate_act_fn.act is F.gelu
 
     # Each step is its own function so that its temporaries (queries, attention output, normalised tokens) are freed
     # when it returns: at detection sizes they are tens of megabytes each.
     def attend(images: slice, tokens: slice) -> torch.Tensor:
-        query = linear(normalized[images, tokens], weight(attention.query), attention.query.bias)
-        query = attention.split_heads(query)
+        query = attention.split_heads(linear(normalized[images, tokens], attention.query.weight, attention.query.bias))
         attended = F.scaled_dot_product_attention(query, key[images], value[images], scale=attention.scaling)
         return attended.transpose(1, 2).flatten(2)
 
     def expand(block: torch.Tensor) -> torch.Tensor:
         if exact_gelu:
-            return linear_gelu(layer.layer_norm_2(block), weight(mlp.dense1), mlp.dense1.bias)
-        return mlp.intermediate_act_fn(linear(layer.layer_norm_2(block), weight(mlp.dense1), mlp.dense1.bias))
+            return linear_gelu(layer.layer_norm_2(block), mlp.dense1.weight, mlp.dense1.bias)
+        return mlp.intermediate_act_fn(linear(layer.layer_norm_2(block), mlp.dense1.weight, mlp.dense1.bias))
 
     def block_output(images: slice, tokens: slice) -> torch.Tensor:
-        block = linear_add(attend(images, tokens), weight(projection), projection.bias, hidden_states[images, tokens])
-        return linear_add(expand(block), weight(mlp.dense2), mlp.dense2.bias, block)
+        block = linear_add(attend(images, tokens), projection.weight, projection.bias, hidden_states[images, tokens])
+        return linear_add(expand(block), mlp.dense2.weight, mlp.dense2.bias, block)
 
     blocks = token_blocks(*hidden_states.shape[:2], tokens_per_block)
     if len(blocks) == 1:
@@ -289,10 +255,6 @@ def _fused_whole(layer: nn.Module, hidden_states: torch.Tensor, height: int, wid
     return _fused(layer, hidden_states, height, width, hidden_states.shape[0] * hidden_states.shape[1])
 
 
-def _fused_packed(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return _fused(layer, hidden_states, height, width, hidden_states.shape[0] * hidden_states.shape[1], packed=True)
-
-
 def _fused_token_blocks(layer: nn.Module, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
     # One block's MLP activation takes `TOKEN_BLOCK_BYTES`.
     tokens_per_block = TOKEN_BLOCK_BYTES // (layer.mlp.dense1.out_features * hidden_states.element_size())
@@ -303,7 +265,6 @@ ROUTES: dict[str, Callable[[nn.Module, torch.Tensor, int, int], torch.Tensor]] =
     "reference": _reference,
     "fused": _fused_whole,
     "fused_token_blocks": _fused_token_blocks,
-    "fused_packed": _fused_packed,
 }
 # Another route replaces the reference code only when it was faster in every timed round, and by this factor in the
 # median round.
@@ -367,7 +328,4 @@ def fastest_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, height:
         medians = {name: statistics.median(times) for name, times in seconds.items()}
         measured_routes[key] = (choose_route(seconds), medians)
         logger.debug("PVT layer %s on CPU: %s (median seconds per route %s)", key, *measured_routes[key])
-        if measured_routes[key][0] != "fused_packed":  # the measurement's blocked copies are not needed for this
-            for projection in _projections(layer):  # shape (another shape that keeps them makes them again once)
-                _packed_weights.pop(projection.weight, None)
     return ROUTES[measured_routes[key][0]](layer, hidden_states, height, width)
