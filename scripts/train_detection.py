@@ -5,9 +5,9 @@
     accelerate launch --mixed_precision bf16 scripts/train_detection.py --train_dir coco/train \
         --validation_dir coco/val --backbone_name_or_path path/to/pvt-small --detector deformable_detr
 
-Detectors: DETR, Conditional DETR, Deformable DETR (two-stage, box refinement) and RT-DETR (`--detector`), all
-transformers' own, reading PVT's feature maps through `AutoBackbone`. The backbone starts from a PVT classification
-checkpoint (`--backbone_name_or_path`, folder or Hub id) or from scratch (`--model_size`).
+Detectors: DETR, Conditional DETR, Deformable DETR and RT-DETR (`--detector`), all transformers' own, reading PVT's
+feature maps through `AutoBackbone`. The backbone starts from a PVT classification checkpoint
+(`--backbone_name_or_path`, folder or Hub id) or from scratch (`--model_size`).
 
 Without a dataset argument it trains on the embedded default: handwritten digits pasted on black canvases, with the
 backbone initialised from the digits classifier (`pvt-digits/`, trained in the same processes first when absent).

@@ -260,3 +260,18 @@ def test_detector_from_the_hub_matches_the_trained_weights(uninterrupted, hub, t
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["class"] == "DeformableDetrForObjectDetection"
     assert loaded["digest"] == results_of(uninterrupted)["weights_sha256_per_rank"][0]
+
+
+def test_the_digits_default_starts_training_its_backbone_in_an_empty_folder(tmp_path):
+    """The README's command in an empty folder first trains `pvt-digits/` in-process: that start (logging before any
+    Accelerator exists) must not fail. The training itself is replaced by a stub that records its output folder."""
+    client = (
+        "from modeling_pvt.tasks import detection\n"
+        "detection.run_training = lambda task, **kwargs: print('trains', task.args.output_dir)\n"
+        "detection.ensure_digits_backbone('pvt-digits')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", client], cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "trains pvt-digits"

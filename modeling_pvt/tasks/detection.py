@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs
 
@@ -238,6 +238,7 @@ def ensure_digits_backbone(folder: str) -> None:
     """Train the digits classifier into `folder` in these processes, unless it is there: every rank takes part."""
     if (Path(folder) / "config.json").is_file():
         return
+    PartialState()  # accelerate's logger needs the process state, which the classifier's Accelerator would set later
     logger.info(f"No digits classifier in {folder}: training one first (the digits recipe of scripts/train.py).")
     data_args, model_args, args = DataArguments(), ClassificationArguments(), TrainingArguments(output_dir=folder)
     complete_classification_recipe(data_args, model_args, args)
