@@ -264,14 +264,19 @@ def test_detector_from_the_hub_matches_the_trained_weights(uninterrupted, hub, t
 
 def test_the_digits_default_starts_training_its_backbone_in_an_empty_folder(tmp_path):
     """The README's command in an empty folder first trains `pvt-digits/` in-process: that start (logging before any
-    Accelerator exists) must not fail. The training itself is replaced by a stub that records its output folder."""
-    client = (
+    Accelerator exists) must neither fail nor leave the processes each running alone. The training itself is replaced
+    by a stub that reports its output folder and how many processes it trains with."""
+    client = tmp_path / "client.py"
+    client.write_text(
+        "from accelerate import PartialState\n"
         "from modeling_pvt.tasks import detection\n"
-        "detection.run_training = lambda task, **kwargs: print('trains', task.args.output_dir)\n"
+        "detection.run_training = lambda task, **kwargs: print("
+        "f'trains {task.args.output_dir} on {PartialState().num_processes} processes')\n"
         "detection.ensure_digits_backbone('pvt-digits')\n"
     )
+    command = launch_command("train.py", processes=2)[:-1] + [str(client)]
     result = subprocess.run(
-        [sys.executable, "-c", client], cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=120
+        command, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "trains pvt-digits"
+    assert result.stdout.count("trains pvt-digits on 2 processes") == 2, result.stdout[-3000:]

@@ -36,6 +36,7 @@ from ..data.digit_canvases import (
 from ..hub.model_card import render_trained_card
 from ..hub.results import OBJECT_DETECTION
 from ..modeling_pvt import PvtBackbone
+from ..training.launch import cpu_only_host
 from ..training.options import TrainingArguments, apply_recipe, loading_pretrained, parse_config_overrides
 from ..training.run import TaskDatasets, TrainingTask, default_repo_id, run_training
 from .classification import ClassificationArguments, ClassificationTask
@@ -238,7 +239,9 @@ def ensure_digits_backbone(folder: str) -> None:
     """Train the digits classifier into `folder` in these processes, unless it is there: every rank takes part."""
     if (Path(folder) / "config.json").is_file():
         return
-    PartialState()  # accelerate's logger needs the process state, which the classifier's Accelerator would set later
+    # accelerate's logger needs the process state (the classifier's Accelerator would set it only later); on a CPU host
+    # it must be told so, like that Accelerator, or every process would run alone.
+    PartialState(cpu=cpu_only_host())
     logger.info(f"No digits classifier in {folder}: training one first (the digits recipe of scripts/train.py).")
     data_args, model_args, args = DataArguments(), ClassificationArguments(), TrainingArguments(output_dir=folder)
     complete_classification_recipe(data_args, model_args, args)
