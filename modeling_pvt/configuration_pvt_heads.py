@@ -41,6 +41,9 @@ class PvtBackboneConfigMixin:
             }
             self.backbone_config = PvtConfig.from_dict(settings)
         super().__post_init__(**kwargs)
+        # The stock config checks its fields against each other in its own `__init__` only, which these subclasses
+        # do not run: without this, e.g. two-stage Deformable DETR without box refinement would fail in the forward.
+        self.validate()
 
 
 class PvtDetrConfig(PvtBackboneConfigMixin, DetrConfig):

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from script_launch import HUB_TOKEN
 
 from modeling_pvt import PvtConfig
-from modeling_pvt.configuration_pvt_heads import PvtUperNetConfig
+from modeling_pvt.configuration_pvt_heads import PvtDeformableDetrConfig, PvtUperNetConfig
 from modeling_pvt.data.segmentation import build_segmentation_processor
 from modeling_pvt.modeling_pvt_heads import UperNetForSemanticSegmentation
 from modeling_pvt.tasks.detectors import DETECTORS, build_detector, build_detector_config, build_image_processor
@@ -169,6 +170,12 @@ def test_folders_carry_the_code_and_an_auto_map(detector_folders, upernet_folder
         "AutoModelForSemanticSegmentation": "modeling_pvt_heads.UperNetForSemanticSegmentation",
     }
     assert "auto_map" not in config["backbone_config"] and config["backbone_config"]["_name_or_path"] == ""
+
+
+def test_head_configs_check_their_fields_against_each_other_like_the_stock_ones():
+    with pytest.raises(StrictDataclassError, match="with_box_refine must be True"):
+        PvtDeformableDetrConfig(two_stage=True)
+    assert PvtDeformableDetrConfig(two_stage=True, with_box_refine=True).two_stage
 
 
 def test_in_this_process_the_auto_classes_load_the_folders(detector_folders):

@@ -152,6 +152,10 @@ def test_unknown_config_overrides_are_refused_naming_the_nearest_field(tmp_path)
         "Option error: --config_overrides: PvtDeformableDetrConfig has no field 'num_querys' (did you mean "
         "'num_queries'?)."
     )
+    message = main_exits_with("train_detection", [*detection, "--config_overrides", '{"two_stage": true}'])
+    assert message == (
+        'Option error: --config_overrides {"two_stage": true}: If two_stage is True, with_box_refine must be True.'
+    )
     assert main_exits_with("train", ["--config_overrides", "{hidden_sizes", "--output_dir", str(tmp_path)]).startswith(
         "Option error: --config_overrides '{hidden_sizes' is not valid JSON"
     )

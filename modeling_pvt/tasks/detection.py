@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs
+from huggingface_hub.errors import StrictDataclassError
 
 from ..configuration_pvt import PvtConfig
 from ..data.classification import DataArguments
@@ -37,7 +38,13 @@ from ..hub.model_card import render_trained_card
 from ..hub.results import OBJECT_DETECTION
 from ..modeling_pvt import PvtBackbone
 from ..training.launch import cpu_only_host
-from ..training.options import TrainingArguments, apply_recipe, loading_pretrained, parse_config_overrides
+from ..training.options import (
+    OptionError,
+    TrainingArguments,
+    apply_recipe,
+    loading_pretrained,
+    parse_config_overrides,
+)
 from ..training.run import TaskDatasets, TrainingTask, default_repo_id, run_training
 from .classification import ClassificationArguments, ClassificationTask
 from .classification import complete_recipe as complete_classification_recipe
@@ -223,9 +230,16 @@ class DetectionArguments:
     def detector_overrides(self) -> dict:
         """`--config_overrides` (fields of the detector's config: an unknown one raises `OptionError`), else the
         digits' small detector for the embedded default."""
-        if self.config_overrides:
-            return parse_config_overrides(self.config_overrides, DETECTORS[self.detector].model_class.config_class)
-        return dict(DIGITS_DETECTOR_SETTINGS[self.detector]) if self.uses_embedded_dataset else {}
+        if not self.config_overrides:
+            return dict(DIGITS_DETECTOR_SETTINGS[self.detector]) if self.uses_embedded_dataset else {}
+        config_class = DETECTORS[self.detector].model_class.config_class
+        overrides = parse_config_overrides(self.config_overrides, config_class)
+        try:  # the config's own checks of fields against each other, before any data is read
+            config_class(**overrides)
+        except (ValueError, StrictDataclassError) as error:
+            reason = error.__cause__ or error
+            raise OptionError(f"--config_overrides {self.config_overrides}: {reason}") from error
+        return overrides
 
 
 def complete_recipe(detection_args: DetectionArguments, args: TrainingArguments) -> None:
