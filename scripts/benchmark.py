@@ -5,7 +5,8 @@
     python scripts/benchmark.py --compile            # adds torch.compile rows
     python scripts/benchmark.py --smoke              # tiny model, tiny sizes: checks the machinery in seconds
     python scripts/benchmark.py --device cuda        # GPU: bf16, SDPA (flash) attention, CUDA memory counters
-    python scripts/benchmark.py --detectors          # DETR + PVT-small vs DETR + ResNet-50 at 800x1333 only
+    python scripts/benchmark.py --detectors          # only detectors, PVT-small vs ResNet-50: DETR inference at
+                                                     # 800x1333, DETR and Deformable DETR training steps at 800x1216
 
 Every comparison builds the models from one state dict (our `conv_layer_norm_eps` set to `layer_norm_eps`, as
 stock uses that epsilon everywhere), checks that they compute the same function, then times them interleaved in one
@@ -37,6 +38,7 @@ import argparse
 import ctypes
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -91,6 +93,7 @@ class Plan:
     detection_size: tuple[int, int]
     detection_preset: str
     train_batch: int
+    detector_train_batch: int
     mfu_preset: str
     mfu_batch: int
     warmup: int
@@ -110,6 +113,7 @@ class Plan:
                 detection_size=(96, 128),
                 detection_preset="smoke",
                 train_batch=2,
+                detector_train_batch=1,
                 mfu_preset="smoke",
                 mfu_batch=2,
                 warmup=1,
@@ -128,6 +132,7 @@ class Plan:
             detection_size=(800, 1216),
             detection_preset="small",
             train_batch=64 if gpu else 8,
+            detector_train_batch=2 if gpu else 1,
             mfu_preset="small",
             mfu_batch=256 if gpu else 16,
             warmup=2,
@@ -678,25 +683,37 @@ def run_gpu_memory_row(plan: Plan, dtype: torch.dtype) -> dict:
 
 # ------------------------------------------------------------------------------- detector row (--detectors)
 DETECTOR_BACKBONES = ("pvt_small", "resnet50")
+TRAINED_DETECTORS = ("detr", "deformable_detr")
+COCO_LABELS = 91
 
 
-def build_detr(backbone: str) -> torch.nn.Module:
-    """DETR (transformers' own, COCO's 91 labels) on PVT-small's last stage or on transformers' ResNet-50, built the
-    same way: `use_timm_backbone=False`, random weights, the backbone through `AutoBackbone`."""
-    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
-
-    if backbone == "pvt_small":
-        backbone_config = PvtConfig.from_preset("small", out_features=["stage4"])
-    else:
-        backbone_config = ResNetConfig(out_features=["stage4"])  # the defaults are ResNet-50
-    config = DetrConfig(
-        backbone_config=backbone_config,
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
-        backbone=None,
-        num_labels=91,
+def build_detector_model(detector: str, backbone: str) -> torch.nn.Module:
+    """Transformers' own DETR or Deformable DETR (COCO's 91 labels) on PVT-small or on transformers' ResNet-50, built
+    the same way: `use_timm_backbone=False`, random weights, the backbone through `AutoBackbone`. DETR reads the last
+    stage; Deformable DETR the last three (strides 8, 16, 32) and adds a fourth level by a strided convolution."""
+    from transformers import (
+        DeformableDetrConfig,
+        DeformableDetrForObjectDetection,
+        DetrConfig,
+        DetrForObjectDetection,
+        ResNetConfig,
     )
-    return DetrForObjectDetection(config).eval()
+
+    stages = ["stage4"] if detector == "detr" else ["stage2", "stage3", "stage4"]
+    if backbone == "pvt_small":
+        backbone_config = PvtConfig.from_preset("small", out_features=stages)
+    else:
+        backbone_config = ResNetConfig(out_features=stages)  # the defaults are ResNet-50
+    settings = {
+        "backbone_config": backbone_config,
+        "use_timm_backbone": False,
+        "use_pretrained_backbone": False,
+        "backbone": None,
+        "num_labels": COCO_LABELS,
+    }
+    if detector == "detr":
+        return DetrForObjectDetection(DetrConfig(**settings))
+    return DeformableDetrForObjectDetection(DeformableDetrConfig(**settings, num_feature_levels=len(stages) + 1))
 
 
 def detector_size(plan: Plan) -> tuple[int, int]:
@@ -708,7 +725,7 @@ def detector_child_memory(spec: dict) -> dict:
     glibc's default allocator: the documented settings keep freed blocks in the process, so a second forward would
     reuse the first one's memory and show no peak at all. The second forward is the steady state (the first also
     holds PVT's one-time CPU route measurement)."""
-    model = build_detr(spec["backbone"])
+    model = build_detector_model("detr", spec["backbone"]).eval()
     pixel_values = torch.randn(1, 3, *spec["image_size"])
     if platform.libc_ver()[0] == "glibc":
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -729,7 +746,7 @@ def run_detector_row(plan: Plan, device: str, dtype: torch.dtype, threads: int) 
     inference: latency timed interleaved in this process, and peak forward memory (fresh processes on a CPU, the
     CUDA allocator's counters on a GPU)."""
     size = detector_size(plan)
-    models = {name: build_detr(name).to(device=device, dtype=dtype) for name in DETECTOR_BACKBONES}
+    models = {name: build_detector_model("detr", name).eval().to(device, dtype) for name in DETECTOR_BACKBONES}
     pixel_values = torch.randn(1, 3, *size, device=device, dtype=dtype)
     functions = {name: eval_function(model, pixel_values) for name, model in models.items()}
     timing = time_interleaved(functions, plan, device, "DETR: PVT-small vs ResNet-50")
@@ -759,23 +776,107 @@ def run_detector_row(plan: Plan, device: str, dtype: torch.dtype, threads: int) 
     }
 
 
+def random_detection_labels(batch: int, device: str, generator: torch.Generator) -> list[dict]:
+    """Five boxes per image (normalised centre x, centre y, width, height, as the DETR family's loss takes them) of
+    random COCO classes."""
+    labels = []
+    for _ in range(batch):
+        centres = torch.rand(5, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(5, 2, generator=generator) * 0.3 + 0.05
+        labels.append(
+            {
+                "class_labels": torch.randint(0, COCO_LABELS, (5,), generator=generator).to(device),
+                "boxes": torch.cat([centres, sizes], dim=1).to(device),
+            }
+        )
+    return labels
+
+
+def detector_training_step(
+    model: torch.nn.Module, pixel_values: torch.Tensor, labels: list[dict], device: str, dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
+    """One training step as the detection script takes it: fp32 weights, autocast to `dtype` where it is not fp32
+    (Accelerate's mixed precision), backward, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext():
+            loss = model(pixel_values=pixel_values, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def cuda_step_peak_mib(step: Callable[[], torch.Tensor]) -> float:
+    """MiB the CUDA allocator held at the peak of one training step, above what it held before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resting = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - resting) / 2**20
+
+
+def run_detector_training_row(detector: str, plan: Plan, device: str, dtype: torch.dtype) -> dict:
+    """A training step of `detector` on PVT-small against the same on ResNet-50: the same random images and boxes,
+    timed interleaved in this process."""
+    height, width = plan.detection_size
+    batch = plan.detector_train_batch
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(batch, 3, height, width, generator=generator).to(device)
+    labels = random_detection_labels(batch, device, generator)
+    models = {name: build_detector_model(detector, name).to(device).train() for name in DETECTOR_BACKBONES}
+    steps = {
+        name: detector_training_step(model, pixel_values, labels, device, dtype) for name, model in models.items()
+    }
+    first_losses = {name: step().item() for name, step in steps.items()}
+    if not all(map(math.isfinite, first_losses.values())):
+        raise RuntimeError(f"{detector}: a training step's loss is not finite: {first_losses}")
+    peaks = {name: cuda_step_peak_mib(step) for name, step in steps.items()} if device == "cuda" else None
+    timing = time_interleaved(steps, plan, device, f"{detector} training step: PVT-small vs ResNet-50")
+    step_s = {name: statistics.median(values) for name, values in timing.times.items()}
+    row = {
+        "case": f"{detector} training step {height}x{width} batch {batch}, {str(dtype).removeprefix('torch.')}",
+        "parameters_millions": {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()},
+        "first_loss": first_losses,
+        "step_s": step_s,
+        "images_per_s": {name: batch / seconds for name, seconds in step_s.items()},
+        "pvt_small_vs_resnet50_speedup": median_ratio(timing.times["resnet50"], timing.times["pvt_small"]),
+        "timing": timing.summary(),
+    }
+    if peaks is not None:
+        row["cuda_peak_mib"] = peaks
+    return row
+
+
 def run_detector_benchmark(args: argparse.Namespace, device: str, dtype: torch.dtype, plan: Plan) -> dict:
-    """`--detectors`: only the detector row, written to benchmarks/detection_<device>.json."""
+    """`--detectors`: only the detector rows (DETR inference; DETR and Deformable DETR training steps), written to
+    benchmarks/detection_<device>.json after each row, so that a run cut off keeps the rows it finished."""
     output = args.output or REPO_ROOT / "benchmarks" / f"detection_{device}{'_smoke' if args.smoke else ''}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = {
         "machine": describe_machine(device, ("modeling_pvt", "scripts/benchmark.py")),
         "load_average": {"start": [round(value, 2) for value in os.getloadavg()]},
         "dtype": str(dtype),
-        "detector": run_detector_row(plan, device, dtype, args.threads),
     }
-    results["load_average"]["end"] = [round(value, 2) for value in os.getloadavg()]
-    results["elapsed_s"] = time.perf_counter() - started
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    row = results["detector"]
-    print(json.dumps({key: row[key] for key in ("case", "latency_s", "pvt_small_vs_resnet50_speedup")}))
-    print(json.dumps({"peak_mib": row["memory"]["peak_mib"], "wrote": str(output)}))
+
+    def write(key: str, row: dict, summary: tuple[str, ...]) -> None:
+        results[key] = [*results[key], row] if key == "detector_training" else row
+        results["load_average"]["end"] = [round(value, 2) for value in os.getloadavg()]
+        results["elapsed_s"] = time.perf_counter() - started
+        output.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({name: row[name] for name in summary}), flush=True)
+
+    write("detector", run_detector_row(plan, device, dtype, args.threads), ("case", "latency_s", "memory"))
+    results["detector_training"] = []
+    for detector in TRAINED_DETECTORS:
+        row = run_detector_training_row(detector, plan, device, dtype)
+        write("detector_training", row, ("case", "step_s", "pvt_small_vs_resnet50_speedup"))
+    print(f"Wrote {output} in {results['elapsed_s']:.0f} s.")
     return results
 
 
@@ -993,7 +1094,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="JSON results (default benchmarks/results_<device>.json)")
     parser.add_argument("--chart", type=Path, help="PNG chart (default next to the JSON)")
     parser.add_argument(
-        "--detectors", action="store_true", help="only DETR + PVT-small vs DETR + ResNet-50 at 800x1333"
+        "--detectors",
+        action="store_true",
+        help="only detectors, PVT-small vs ResNet-50: DETR inference at 800x1333, DETR and Deformable DETR training "
+        "steps at 800x1216",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -4,6 +4,7 @@ measurement picks a route only when it is faster. Timing itself is the benchmark
 
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_launch import load_script
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -287,3 +289,19 @@ def test_benchmark_smoke_runs_end_to_end(tmp_path):
     assert set(results["memory"]["peak_mib"]) == models and set(results["training"]["step_s"]) == models
     assert results["allocator"]["configured_by_mallopt"] or sys.platform != "linux"  # documented settings, all rows
     assert {target["target"] for target in results["targets"]} >= {"detection_speedup", "training_step_b8"}
+
+
+@pytest.mark.parametrize(("detector", "dtype"), [("deformable_detr", torch.float32), ("detr", torch.bfloat16)])
+def test_detector_training_rows_time_pvt_small_against_resnet50_on_the_same_batch(detector, dtype):
+    """The GPU session's detection training rows, on a CPU at a small size: bf16 takes the autocast branch the GPU
+    rows take."""
+    benchmark = load_script("benchmark")
+    plan = benchmark.Plan.build(smoke=True, device="cpu", rounds=1)
+    plan.warmup, plan.detection_size = 0, (64, 96)
+    row = benchmark.run_detector_training_row(detector, plan, "cpu", dtype)
+    assert row["case"] == f"{detector} training step 64x96 batch 1, {str(dtype).removeprefix('torch.')}"
+    times = row["timing"]["times_s"]
+    assert set(times) == set(row["step_s"]) == {"pvt_small", "resnet50"}
+    assert row["pvt_small_vs_resnet50_speedup"] == pytest.approx(times["resnet50"][0] / times["pvt_small"][0])
+    assert row["parameters_millions"]["pvt_small"] != row["parameters_millions"]["resnet50"]
+    assert all(math.isfinite(loss) and loss > 0 for loss in row["first_loss"].values())
