@@ -6,17 +6,21 @@ included) and the held-out mAP curve of each seed, written to `benchmarks/detect
         --detector_args --config_overrides '{"two_stage": true, "two_stage_num_proposals": 30}'
 
 Each run is `accelerate launch --multi_gpu --num_processes 2 scripts/train_detection.py --seed S` (what the README
-shows, plus the seed); its log goes to `--log_dir` as `detection_default.<label>.seed<S>.log`.
+shows, plus the seed); its log goes to `--log_dir` as `detection_default.<label>.seed<S>.log`. On one GPU
+(`benchmarks/gpu_session.sh detection`), `--launch_args "--num_processes 1"` replaces the launch options.
 """
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -26,9 +30,14 @@ from machine import describe_machine  # noqa: E402
 OUTPUT_FOLDER = "pvt-detection-digits"
 
 
-def run_seed(seed: int, detector_args: list[str], log_path: Path, card_path: Path | None) -> dict:
+README_LAUNCH_ARGS = "--multi_gpu --num_processes 2"
+
+
+def run_seed(
+    seed: int, launch_args: list[str], detector_args: list[str], log_path: Path, card_path: Path | None
+) -> dict:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", *launch_args,
         str(REPO / "scripts" / "train_detection.py"), "--seed", str(seed), *detector_args,
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as folder, log_path.open("w") as log:
@@ -57,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--label", default="default")
+    parser.add_argument("--launch_args", default=README_LAUNCH_ARGS, help="accelerate launch's options, one string")
     parser.add_argument("--detector_args", nargs=argparse.REMAINDER, default=[])
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "detection_default.json")
     parser.add_argument("--card_output", type=Path, help="Where to copy the model card of the run with seed 42.")
@@ -66,13 +76,13 @@ def main() -> None:
     for seed in args.seeds:
         log_path = args.log_dir / f"detection_default.{args.label}.seed{seed}.log"
         card_path = args.card_output if seed == 42 else None
-        runs.append(run_seed(seed, args.detector_args, log_path, card_path))
+        runs.append(run_seed(seed, shlex.split(args.launch_args), args.detector_args, log_path, card_path))
         print(f"seed {seed}: mAP@50 {runs[-1]['eval_map_50']:.4f}, {runs[-1]['wall_seconds']:.0f} s", flush=True)
     record = json.loads(args.output.read_text()) if args.output.exists() else {}
     record[args.label] = {
-        "command": "accelerate launch --multi_gpu --num_processes 2 scripts/train_detection.py --seed S "
-        + " ".join(args.detector_args),
-        "machine": describe_machine("cpu"),
+        "command": f"accelerate launch {args.launch_args} scripts/train_detection.py --seed S"
+        + "".join(f" {arg}" for arg in args.detector_args),
+        "machine": describe_machine("cuda" if torch.cuda.is_available() else "cpu"),
         "runs": runs,
     }
     args.output.write_text(json.dumps(record, indent=2) + "\n")
