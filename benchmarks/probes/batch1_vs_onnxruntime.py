@@ -18,10 +18,11 @@ import time
 from collections import defaultdict
 
 import torch
+from modeling_pvt.scripts.machine import describe_machine
 
 from modeling_pvt import PvtConfig, PvtForImageClassification, cpu_acceleration
 from modeling_pvt.hub.onnx_export import export_program
-from modeling_pvt.runtime import configure_allocator, describe_machine
+from modeling_pvt.runtime import configure_allocator
 
 
 def alternating(functions: dict, rounds: int, calls: int) -> dict[str, list[float]]:
