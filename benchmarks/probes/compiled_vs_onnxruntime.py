@@ -21,6 +21,7 @@ import time
 import onnxruntime
 import torch
 import torch._inductor.config as inductor_config
+from batch1_vs_onnxruntime import alternating  # this folder: the probes run as scripts
 from modeling_pvt.scripts.machine import describe_machine
 
 from modeling_pvt import PvtConfig, PvtForImageClassification
@@ -28,20 +29,6 @@ from modeling_pvt.hub.onnx_export import export_program
 from modeling_pvt.runtime import configure_allocator
 
 CASES = ((1, 224, 224, 5), (16, 224, 224, 1), (1, 800, 1216, 1))  # batch, height, width, calls per round
-
-
-def alternating(functions: dict, rounds: int, calls: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, per round, the order reversed every round (after one warm-up call)."""
-    for function in functions.values():
-        function()
-    seconds = {name: [] for name in functions}
-    for index in range(rounds):
-        for name in list(functions)[:: 1 if index % 2 == 0 else -1]:
-            start = time.perf_counter()
-            for _ in range(calls):
-                functions[name]()
-            seconds[name].append((time.perf_counter() - start) / calls)
-    return seconds
 
 
 def main() -> None:
