@@ -209,6 +209,16 @@ def test_digits_default_is_deformable_detr_on_canvases(digits_run):
     assert config["id2label"] == {str(digit): str(digit) for digit in range(10)}
 
 
+def test_config_overrides_apply_on_top_of_the_digits_detector():
+    from modeling_pvt.tasks.detection import DIGITS_DETECTOR_SETTINGS, DetectionArguments
+
+    digits = DetectionArguments(detector="deformable_detr", config_overrides='{"num_queries": 12, "two_stage": true}')
+    expected = {**DIGITS_DETECTOR_SETTINGS["deformable_detr"], "num_queries": 12, "two_stage": True}
+    assert digits.detector_overrides() == expected
+    coco = DetectionArguments(detector="deformable_detr", train_dir="coco", config_overrides='{"num_queries": 12}')
+    assert coco.detector_overrides() == {"num_queries": 12}
+
+
 def test_saved_detector_loads_with_auto_class_and_runs_in_the_pipeline_on_a_photo(digits_run):
     from skimage import data as skimage_data
     from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline

@@ -193,7 +193,11 @@ class DetectionArguments:
         default=None, metadata={"help": "Random backbone of this paper size."}
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": "JSON object of detector config fields, e.g. '{\"num_queries\": 100}'."}
+        default=None,
+        metadata={
+            "help": "JSON object of detector config fields, e.g. '{\"num_queries\": 100}', on top of the digits' "
+            "small detector for the embedded default (else of transformers' defaults)."
+        },
     )
     image_size: int | None = field(
         default=None,
@@ -228,18 +232,20 @@ class DetectionArguments:
         return None
 
     def detector_overrides(self) -> dict:
-        """`--config_overrides` (fields of the detector's config: an unknown one raises `OptionError`), else the
-        digits' small detector for the embedded default."""
+        """The detector's config fields: the digits' small detector for the embedded default (else transformers'
+        defaults), with `--config_overrides` on top. An unknown field, or fields that contradict each other, raise
+        `OptionError`."""
+        settings = dict(DIGITS_DETECTOR_SETTINGS[self.detector]) if self.uses_embedded_dataset else {}
         if not self.config_overrides:
-            return dict(DIGITS_DETECTOR_SETTINGS[self.detector]) if self.uses_embedded_dataset else {}
+            return settings
         config_class = DETECTORS[self.detector].model_class.config_class
-        overrides = parse_config_overrides(self.config_overrides, config_class)
+        settings.update(parse_config_overrides(self.config_overrides, config_class))
         try:  # the config's own checks of fields against each other, before any data is read
-            config_class(**overrides)
+            config_class(**settings)
         except (ValueError, StrictDataclassError) as error:
             reason = error.__cause__ or error
             raise OptionError(f"--config_overrides {self.config_overrides}: {reason}") from error
-        return overrides
+        return settings
 
 
 def complete_recipe(detection_args: DetectionArguments, args: TrainingArguments) -> None:
