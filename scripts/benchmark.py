@@ -60,6 +60,7 @@ from modeling_pvt import PvtConfig, PvtForImageClassification, cpu_acceleration
 from modeling_pvt.cpu_acceleration import onednn_linear_available
 from modeling_pvt.hub.model_facts import count_multiply_adds
 from modeling_pvt.runtime import allocator_settings, configure_allocator
+from modeling_pvt.tasks.detectors import DETECTORS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -468,26 +469,32 @@ def run_detection_row(plan: Plan, device: str, dtype: torch.dtype) -> tuple[dict
     return row, parity
 
 
+def training_step(model: torch.nn.Module, device: str, dtype: torch.dtype, **inputs) -> Callable[[], torch.Tensor]:
+    """One training step on `inputs` as the training scripts take it: fp32 weights, autocast to `dtype` where it is
+    not fp32 (Accelerate's mixed precision), backward, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext():
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
 def run_training_row(plan: Plan, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
     preset = plan.mfu_preset
     models = build_models(preset, plan.image_size, device)
     pixel_values = torch.randn(plan.train_batch, 3, plan.image_size, plan.image_size, device=device)
     labels = torch.randint(0, 1000, (plan.train_batch,), device=device)
-    steps, first_losses = {}, {}
-    for name, model in models.items():
-        model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step(model=model, optimizer=optimizer) -> torch.Tensor:
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext():
-                loss = model(pixel_values, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            return loss
-
-        first_losses[name] = step().item()
-        steps[name] = step
+    steps = {
+        name: training_step(model.to(device).train(), device, dtype, pixel_values=pixel_values, labels=labels)
+        for name, model in models.items()
+    }
+    first_losses = {name: step().item() for name, step in steps.items()}
     parity = check_parity(
         "training step (first loss)",
         max(abs(loss - first_losses["stock"]) for loss in first_losses.values()),
@@ -652,13 +659,13 @@ def run_memory_rows(plan: Plan, threads: int, smoke: bool) -> dict:
     }
 
 
-def cuda_forward_peak_mib(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
-    """MiB the CUDA allocator held at the peak of one inference forward, above what it held before."""
+def cuda_peak_mib(function: Callable[[], object]) -> float:
+    """MiB the CUDA allocator held at the peak of one call of `function` (a forward, a training step), above what it
+    held before."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     resting = torch.cuda.memory_allocated()
-    with torch.inference_mode():
-        model(pixel_values)
+    function()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - resting) / 2**20
 
@@ -670,7 +677,7 @@ def run_gpu_memory_row(plan: Plan, dtype: torch.dtype) -> dict:
     peaks = {}
     for name, model in (("stock", stock), ("ours", ours)):
         model.to(device="cuda", dtype=dtype).eval()
-        peak = cuda_forward_peak_mib(model, pixel_values)
+        peak = cuda_peak_mib(eval_function(model, pixel_values))
         peaks[name] = {"first": peak, "next": peak}
         model.cpu()
     return {
@@ -690,7 +697,8 @@ COCO_LABELS = 91
 def build_detector_model(detector: str, backbone: str) -> torch.nn.Module:
     """Transformers' own DETR or Deformable DETR (COCO's 91 labels) on PVT-small or on transformers' ResNet-50, built
     the same way: `use_timm_backbone=False`, random weights, the backbone through `AutoBackbone`. DETR reads the last
-    stage; Deformable DETR the last three (strides 8, 16, 32) and adds a fourth level by a strided convolution."""
+    stage; Deformable DETR the last three (strides 8, 16, 32) and adds a fourth level by a strided convolution, as
+    the detection script's detectors do (`DETECTORS`)."""
     from transformers import (
         DeformableDetrConfig,
         DeformableDetrForObjectDetection,
@@ -699,7 +707,7 @@ def build_detector_model(detector: str, backbone: str) -> torch.nn.Module:
         ResNetConfig,
     )
 
-    stages = ["stage4"] if detector == "detr" else ["stage2", "stage3", "stage4"]
+    stages = list(DETECTORS[detector].backbone_stages)
     if backbone == "pvt_small":
         backbone_config = PvtConfig.from_preset("small", out_features=stages)
     else:
@@ -753,7 +761,7 @@ def run_detector_row(plan: Plan, device: str, dtype: torch.dtype, threads: int) 
     if device == "cuda":
         peaks = {}
         for name, model in models.items():
-            peaks[name] = cuda_forward_peak_mib(model, pixel_values)
+            peaks[name] = cuda_peak_mib(eval_function(model, pixel_values))
         memory = {"method": "torch.cuda.max_memory_allocated above the resting allocation", "peak_mib": peaks}
     else:
         specs = [{"mode": "detector_memory", "backbone": name, "image_size": list(size)} for name in models]
@@ -792,34 +800,6 @@ def random_detection_labels(batch: int, device: str, generator: torch.Generator)
     return labels
 
 
-def detector_training_step(
-    model: torch.nn.Module, pixel_values: torch.Tensor, labels: list[dict], device: str, dtype: torch.dtype
-) -> Callable[[], torch.Tensor]:
-    """One training step as the detection script takes it: fp32 weights, autocast to `dtype` where it is not fp32
-    (Accelerate's mixed precision), backward, AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext():
-            loss = model(pixel_values=pixel_values, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    return step
-
-
-def cuda_step_peak_mib(step: Callable[[], torch.Tensor]) -> float:
-    """MiB the CUDA allocator held at the peak of one training step, above what it held before."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    resting = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - resting) / 2**20
-
-
 def run_detector_training_row(detector: str, plan: Plan, device: str, dtype: torch.dtype) -> dict:
     """A training step of `detector` on PVT-small against the same on ResNet-50: the same random images and boxes,
     timed interleaved in this process."""
@@ -830,12 +810,13 @@ def run_detector_training_row(detector: str, plan: Plan, device: str, dtype: tor
     labels = random_detection_labels(batch, device, generator)
     models = {name: build_detector_model(detector, name).to(device).train() for name in DETECTOR_BACKBONES}
     steps = {
-        name: detector_training_step(model, pixel_values, labels, device, dtype) for name, model in models.items()
+        name: training_step(model, device, dtype, pixel_values=pixel_values, labels=labels)
+        for name, model in models.items()
     }
     first_losses = {name: step().item() for name, step in steps.items()}
     if not all(map(math.isfinite, first_losses.values())):
         raise RuntimeError(f"{detector}: a training step's loss is not finite: {first_losses}")
-    peaks = {name: cuda_step_peak_mib(step) for name, step in steps.items()} if device == "cuda" else None
+    peaks = {name: cuda_peak_mib(step) for name, step in steps.items()} if device == "cuda" else None
     timing = time_interleaved(steps, plan, device, f"{detector} training step: PVT-small vs ResNet-50")
     step_s = {name: statistics.median(values) for name, values in timing.times.items()}
     row = {
@@ -864,18 +845,18 @@ def run_detector_benchmark(args: argparse.Namespace, device: str, dtype: torch.d
         "dtype": str(dtype),
     }
 
-    def write(key: str, row: dict, summary: tuple[str, ...]) -> None:
-        results[key] = [*results[key], row] if key == "detector_training" else row
+    def save(row: dict, summary: tuple[str, ...]) -> None:
         results["load_average"]["end"] = [round(value, 2) for value in os.getloadavg()]
         results["elapsed_s"] = time.perf_counter() - started
         output.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps({name: row[name] for name in summary}), flush=True)
 
-    write("detector", run_detector_row(plan, device, dtype, args.threads), ("case", "latency_s", "memory"))
+    results["detector"] = run_detector_row(plan, device, dtype, args.threads)
+    save(results["detector"], ("case", "latency_s", "memory"))
     results["detector_training"] = []
     for detector in TRAINED_DETECTORS:
-        row = run_detector_training_row(detector, plan, device, dtype)
-        write("detector_training", row, ("case", "step_s", "pvt_small_vs_resnet50_speedup"))
+        results["detector_training"].append(run_detector_training_row(detector, plan, device, dtype))
+        save(results["detector_training"][-1], ("case", "step_s", "pvt_small_vs_resnet50_speedup"))
     print(f"Wrote {output} in {results['elapsed_s']:.0f} s.")
     return results
 
